@@ -66,7 +66,10 @@ class Module:
 
 
 def _defines_main(source: str) -> bool:
-    tree = ast.parse(source)
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # reported, with the notebook's name, by check_rules
+        return False
     return any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
 
 

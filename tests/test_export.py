@@ -1,0 +1,105 @@
+"""tools/export.py: notebook cells marked `# export: llmbook.<module>` become generated modules; the
+check mode catches drift; broken markers and backward-chapter imports are clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import export  # noqa: E402
+
+
+def write_notebook(path: Path, *sources: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A notebook")] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def book(tmp_path):
+    write_notebook(tmp_path / "ch01_first" / "01_a.ipynb",
+                   "# export: llmbook.alpha\nimport math\n\ndef area(r):\n    return math.pi * r * r",
+                   "print(area(1.0))  # a demo cell, not exported",
+                   "# export: llmbook.alpha\ndef main():\n    print('alpha main ran')")
+    write_notebook(tmp_path / "ch02_second" / "01_b.ipynb",
+                   "# export: llmbook.beta\nfrom llmbook.alpha import area\n\nDOUBLE = 2 * area(1.0)")
+    return tmp_path
+
+
+def run(book, *args):
+    return export.main(["--root", str(book), *args])
+
+
+def test_export_writes_modules_with_header(book):
+    assert run(book) == 0
+    alpha = (book / "shared/llmbook/alpha.py").read_text()
+    assert alpha.startswith(export.HEADER_FIRST_LINE)
+    assert "# Source: ch01_first/01_a.ipynb" in alpha
+    assert "def area(r)" in alpha and "a demo cell" not in alpha and "# export:" not in alpha
+    assert alpha.rstrip().endswith('if __name__ == "__main__":\n    main()')
+    beta = (book / "shared/llmbook/beta.py").read_text()
+    assert "__main__" not in beta  # no main(), no footer
+
+
+def test_exported_main_runs_as_a_module(book):
+    run(book)
+    # -S: no site-packages, so the editable install of the real llmbook does not shadow this one
+    result = subprocess.run([sys.executable, "-S", "-m", "llmbook.alpha"], cwd=book / "shared",
+                            capture_output=True, text=True, check=True)
+    assert result.stdout == "alpha main ran\n"
+
+
+def test_check_detects_drift_and_stale_modules(book, capsys):
+    run(book)
+    assert run(book, "--check") == 0
+    (book / "shared/llmbook/alpha.py").write_text(
+        (book / "shared/llmbook/alpha.py").read_text().replace("math.pi", "3.14"))
+    assert run(book, "--check") == 1
+    assert "out of date" in capsys.readouterr().err
+    run(book)
+    assert run(book, "--check") == 0
+    (book / "ch02_second/01_b.ipynb").unlink()
+    assert run(book, "--check") == 1
+    assert "no notebook exports" in capsys.readouterr().err
+    run(book)
+    assert not (book / "shared/llmbook/beta.py").exists()
+
+
+def test_hand_written_modules_are_left_alone(book):
+    (book / "shared/llmbook").mkdir(parents=True)
+    (book / "shared/llmbook/__init__.py").write_text('"""hand-written"""\n')
+    run(book)
+    assert run(book, "--check") == 0
+    assert (book / "shared/llmbook/__init__.py").read_text() == '"""hand-written"""\n'
+
+
+@pytest.mark.parametrize("marker", ["# export llmbook.alpha", "#| export", "# export: numpy.alpha",
+                                    "# export: llmbook.Alpha", "# export: llmbook.a.b", "# Export: llmbook.x"])
+def test_unknown_marker_is_a_clear_error(tmp_path, marker, capsys):
+    write_notebook(tmp_path / "ch01_x" / "01_x.ipynb", f"{marker}\nx = 1")
+    with pytest.raises(export.ExportError, match=r"01_x.ipynb, cell 1: unknown export marker"):
+        export.export(tmp_path)
+    assert run(tmp_path) == 2
+    assert "# export: llmbook.<module>" in capsys.readouterr().err
+
+
+def test_a_module_may_not_import_a_later_chapter(tmp_path):
+    write_notebook(tmp_path / "ch01_x" / "01_x.ipynb", "# export: llmbook.early\nfrom llmbook import late")
+    write_notebook(tmp_path / "ch03_y" / "01_y.ipynb", "# export: llmbook.late\nX = 1")
+    with pytest.raises(export.ExportError, match="imports llmbook.late, which chapter 3 defines"):
+        export.export(tmp_path)
+
+
+def test_exported_code_must_compile(tmp_path):
+    write_notebook(tmp_path / "ch01_x" / "01_x.ipynb", "# export: llmbook.broken\ndef f(:\n    pass")
+    with pytest.raises(export.ExportError, match="does not compile"):
+        export.export(tmp_path)
+
+
+def test_the_committed_package_is_up_to_date():
+    assert export.main(["--check"]) == 0

@@ -1,0 +1,60 @@
+"""tools/build_pdf.py: the manual holds a title page, contents, the five chapters in order, one
+section per notebook, and every figure the notebooks produced."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import build_pdf  # noqa: E402
+from export import notebook_paths  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pdf(tmp_path_factory):
+    output = tmp_path_factory.mktemp("pdf") / "book.pdf"
+    build_pdf.build_pdf(ROOT, output)
+    return PdfReader(output)
+
+
+def notebook_title(path: Path) -> str:
+    first = json.loads(path.read_text())["cells"][0]
+    return "".join(first["source"]).splitlines()[0].lstrip("# ").strip()
+
+
+def test_title_page_and_contents(pdf):
+    first_pages = "\n".join(page.extract_text() for page in pdf.pages[:3])
+    assert build_pdf.BOOK_TITLE.split("(")[0].strip() in first_pages
+    assert "Contents" in first_pages
+
+
+def test_chapters_in_order_and_a_section_per_notebook(pdf):
+    text = " ".join(" ".join(page.extract_text().split()) for page in pdf.pages)
+    positions = [text.index(f"Chapter {n} {title}") for n, title in build_pdf.CHAPTERS.items()]
+    assert positions == sorted(positions)
+    for title in build_pdf.CHAPTERS.values():
+        assert title in text
+    body = text[positions[0]:]
+    for notebook in notebook_paths(ROOT):
+        assert " ".join(notebook_title(notebook).split()) in body, notebook
+
+
+def test_every_figure_is_in_the_pdf(pdf):
+    figures = {  # distinct pictures: pandoc (and the PDF) store a repeated figure once
+        output["data"]["image/png"]
+        for notebook in notebook_paths(ROOT)
+        for cell in json.loads(notebook.read_text())["cells"]
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    }
+    assert figures
+    assert sum(len(page.images) for page in pdf.pages) >= len(figures)
+
+
+def test_pages_are_numbered(pdf):
+    last_page_lines = pdf.pages[-1].extract_text().split()
+    assert str(len(pdf.pages) - 1) in last_page_lines  # the title page is unnumbered

@@ -1,0 +1,207 @@
+"""Build the book's PDF reference manual from executed notebooks, offline.
+
+    python tools/build_pdf.py                     from the committed notebooks (seconds)
+    python tools/build_pdf.py --source build/book from the notebooks `make book` just executed
+
+Pipeline: all notebooks are merged into one notebook (chapter headings added, each notebook's own
+headings moved one level down so it becomes a section), pandoc turns it into typst, and the typst
+compiler writes the PDF. pandoc comes from the `pypandoc-binary` wheel and typst from the `typst`
+wheel, so no system packages and no network are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pypandoc
+import typst
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import ROOT, chapter_of, notebook_paths  # noqa: E402
+
+BOOK_TITLE = "Build a Large Language Model (from Scratch)"
+BOOK_SUBTITLE = "The executable companion — reference manual"
+CHAPTERS = {
+    1: "Foundations",
+    2: "Data Engineering",
+    3: "Model Code",
+    4: "Distributed Training",
+    5: "Evaluation",
+}
+OUTPUT = ROOT / "build" / "llm-from-scratch.pdf"
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+FENCE = re.compile(r"^\s*(```|~~~)")
+SOLUTION_OPEN = re.compile(r"<details>\s*<summary>(.*?)</summary>", re.IGNORECASE)
+
+# pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst
+# blocks, so long cells would overflow. Unwrapping them (and dropping the auto-generated heading
+# labels, which repeat across notebooks) leaves plain flowing content.
+# pandoc still writes a few math symbol names that newer typst renamed.
+TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.circle": "times.o",
+                        "minus.circle": "minus.o"}
+
+LUA_FILTER = """
+function Div(el) return el.content end
+function Header(el) el.identifier = "" return el end
+"""
+
+PREAMBLE = r"""
+#set document(title: "%(title)s")
+#set text(font: ("Libertinus Serif", "New Computer Modern"), size: 10.5pt, lang: "en")
+#set par(justify: true)
+#set heading(numbering: "1.1")
+#set image(width: 72%%)
+#show raw: set text(font: "DejaVu Sans Mono", size: 8.5pt)
+#show raw.where(block: true): it => block(
+  width: 100%%, inset: 7pt, radius: 3pt, breakable: true,
+  fill: if it.lang == none { white } else { luma(244) },
+  stroke: if it.lang == none { (left: 2pt + luma(200)) } else { none },
+  it,
+)
+#show heading.where(level: 1, outlined: true): it => {
+  pagebreak(weak: true)
+  v(2.5cm)
+  text(size: 13pt, fill: luma(90))[Chapter #counter(heading).display("1")]
+  v(0.2cm)
+  text(size: 24pt, weight: "bold", it.body)
+  v(1cm)
+}
+#show heading.where(level: 2): it => { v(0.8cm); it; v(0.3cm) }
+
+#page(numbering: none)[
+  #v(6cm)
+  #align(center)[
+    #text(size: 26pt, weight: "bold")[%(title)s]
+    #v(0.6cm)
+    #text(size: 14pt)[%(subtitle)s]
+    #v(2cm)
+    #text(size: 11pt, fill: luma(90))[Five chapters of executable notebooks:\ %(chapters)s]
+  ]
+]
+#set page(numbering: "1", number-align: center)
+#counter(page).update(1)
+#outline(title: [Contents], depth: 2, indent: auto)
+"""
+
+
+def demote_headings(markdown: str) -> str:
+    """Move every markdown heading one level down (outside fenced code), so a notebook's title
+    becomes a section of its chapter."""
+    lines, in_fence = [], False
+    for line in markdown.splitlines():
+        if FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and re.match(r"#{1,5} ", line):
+            line = "#" + line
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def print_solutions(markdown: str) -> str:
+    """Solutions hide in <details> blocks in JupyterLab; pandoc drops raw HTML blocks with their
+    content, so on paper they become a plain 'Solution.' paragraph."""
+    markdown = SOLUTION_OPEN.sub(lambda m: f"*{m.group(1).strip()}.*", markdown)
+    return re.sub(r"</details>", "", markdown, flags=re.IGNORECASE)
+
+
+def clean_outputs(outputs: list) -> list:
+    kept = []
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            out["text"] = ANSI_ESCAPE.sub("", out["text"])
+        elif any(kind.startswith("image/") for kind in out.get("data", {})):
+            # a figure also carries a text/plain '<Figure size …>' that pandoc would print too
+            out["data"] = {k: v for k, v in out["data"].items() if k.startswith("image/")}
+        elif out.get("output_type") == "error":
+            out = nbformat.v4.new_output(
+                "stream", name="stderr",
+                text=ANSI_ESCAPE.sub("", "\n".join(out.get("traceback", []))))
+        kept.append(out)
+    return kept
+
+
+def merge(notebooks: list[Path]) -> nbformat.NotebookNode:
+    """One notebook holding the whole book, chapter by chapter."""
+    book = nbformat.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    book.metadata["language_info"] = {"name": "python"}
+    cells = book.cells
+    for number, title in CHAPTERS.items():
+        cells.append(nbformat.v4.new_markdown_cell(f"# {title}"))
+        chapter = [nb for nb in notebooks if chapter_of(nb) == number]
+        if not chapter:
+            cells.append(nbformat.v4.new_markdown_cell("*This chapter is coming.*"))
+        for path in chapter:
+            for cell in nbformat.read(path, as_version=4).cells:
+                if cell.cell_type == "markdown":
+                    text = nbformat.v4.new_markdown_cell(print_solutions(demote_headings(cell.source)))
+                    if cell.get("attachments"):
+                        text.attachments = cell.attachments
+                    cells.append(text)
+                elif cell.cell_type == "code" and cell.source.strip():
+                    code = nbformat.v4.new_code_cell(cell.source)
+                    code.outputs = clean_outputs(cell.outputs)
+                    code.execution_count = cell.execution_count
+                    cells.append(code)
+    for i, cell in enumerate(cells):  # unique ids: pandoc rejects a merged book with repeats
+        cell.id = f"cell-{i}"
+    return book
+
+
+def build_pdf(source: Path, output: Path = OUTPUT) -> Path:
+    notebooks = notebook_paths(source)
+    if not notebooks:
+        raise SystemExit(f"No notebooks found under {source} (expected chNN_*/NN_*.ipynb).")
+    work = output.parent / "pdf"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    merged = work / "book.ipynb"
+    nbformat.write(merge(notebooks), merged)
+    lua = work / "unwrap.lua"
+    lua.write_text(LUA_FILTER, encoding="utf-8")
+
+    # Run in the work folder so extracted figures get paths relative to typst's root.
+    body = subprocess.run(
+        [pypandoc.get_pandoc_path(), merged.name, "--from=ipynb", "--to=typst",
+         f"--lua-filter={lua.name}", "--extract-media=media", "--wrap=preserve"],
+        cwd=work, check=True, capture_output=True, text=True,
+    ).stdout
+    for old, new in TYPST_SYMBOL_RENAMES.items():
+        body = body.replace(old, new)
+    preamble = PREAMBLE % {
+        "title": BOOK_TITLE,
+        "subtitle": BOOK_SUBTITLE,
+        "chapters": " · ".join(f"{n}. {t}" for n, t in CHAPTERS.items()),
+    }
+    main_typ = work / "book.typ"
+    main_typ.write_text(preamble + "\n" + body, encoding="utf-8")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        typst.compile(str(main_typ), output=str(output), root=str(work))
+    except typst.TypstError as err:
+        raise SystemExit(f"typst could not compile {main_typ}:\n{err.diagnostic or err.message}") from err
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=ROOT,
+                        help="folder holding the chNN_* chapter folders (default: the repository)")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    pdf = build_pdf(args.source.resolve(), args.output.resolve())
+    print(f"wrote {pdf.relative_to(ROOT) if pdf.is_relative_to(ROOT) else pdf} "
+          f"({pdf.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
