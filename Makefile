@@ -15,7 +15,6 @@ NOTEBOOK_DIRS := $(sort $(wildcard ch0*_*))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[book]"
 	touch $(STAMP)
 
