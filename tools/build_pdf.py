@@ -43,9 +43,15 @@ SOLUTION_OPEN = re.compile(r"<details>\s*<summary>(.*?)</summary>", re.IGNORECAS
 # pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst
 # blocks, so long cells would overflow. Unwrapping them (and dropping the auto-generated heading
 # labels, which repeat across notebooks) leaves plain flowing content.
-# pandoc still writes a few math symbol names that newer typst renamed.
+# pandoc still writes a few math symbol names that typst 0.14 renamed; fixed inside $…$ only.
 TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.circle": "times.o",
-                        "minus.circle": "minus.o"}
+                        "minus.circle": "minus.o", "sect": "inter", "sect.big": "inter.big"}
+TYPST_MATH = re.compile(r"\$[^$]+\$")
+TYPST_RENAMED = re.compile(r"(?<![\w.])(" + "|".join(sorted(map(re.escape, TYPST_SYMBOL_RENAMES), key=len, reverse=True)) + r")(?![\w.])")
+
+
+def rename_typst_symbols(body: str) -> str:
+    return TYPST_MATH.sub(lambda math: TYPST_RENAMED.sub(lambda m: TYPST_SYMBOL_RENAMES[m.group(1)], math.group(0)), body)
 
 LUA_FILTER = """
 function Div(el) return el.content end
@@ -174,8 +180,7 @@ def build_pdf(source: Path, output: Path = OUTPUT) -> Path:
          f"--lua-filter={lua.name}", "--extract-media=media", "--wrap=preserve"],
         cwd=work, check=True, capture_output=True, text=True,
     ).stdout
-    for old, new in TYPST_SYMBOL_RENAMES.items():
-        body = body.replace(old, new)
+    body = rename_typst_symbols(body)
     preamble = PREAMBLE % {
         "title": BOOK_TITLE,
         "subtitle": BOOK_SUBTITLE,
