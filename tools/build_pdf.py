@@ -40,19 +40,24 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 FENCE = re.compile(r"^\s*(```|~~~)")
 SOLUTION_OPEN = re.compile(r"<details>\s*<summary>(.*?)</summary>", re.IGNORECASE)
 
-# pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst
-# blocks, so long cells would overflow. Unwrapping them (and dropping the auto-generated heading
-# labels, which repeat across notebooks) leaves plain flowing content.
 # pandoc still writes a few math symbol names that typst 0.14 renamed; fixed inside $…$ only.
 TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.circle": "times.o",
                         "minus.circle": "minus.o", "sect": "inter", "sect.big": "inter.big"}
 TYPST_MATH = re.compile(r"\$[^$]+\$")
-TYPST_RENAMED = re.compile(r"(?<![\w.])(" + "|".join(sorted(map(re.escape, TYPST_SYMBOL_RENAMES), key=len, reverse=True)) + r")(?![\w.])")
+OLD_SYMBOL = re.compile(r"(?<![\w.])(%s)(?![\w.])" % "|".join(
+    re.escape(name) for name in sorted(TYPST_SYMBOL_RENAMES, key=len, reverse=True)))
 
 
 def rename_typst_symbols(body: str) -> str:
-    return TYPST_MATH.sub(lambda math: TYPST_RENAMED.sub(lambda m: TYPST_SYMBOL_RENAMES[m.group(1)], math.group(0)), body)
+    """Replace old symbol names inside math only, so prose and code that mention them are untouched."""
+    def fix_math(math: re.Match) -> str:
+        return OLD_SYMBOL.sub(lambda old: TYPST_SYMBOL_RENAMES[old.group(1)], math.group(0))
+    return TYPST_MATH.sub(fix_math, body)
 
+
+# pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst
+# blocks, so long cells would overflow. Unwrapping them (and dropping the auto-generated heading
+# labels, which repeat across notebooks) leaves plain flowing content.
 LUA_FILTER = """
 function Div(el) return el.content end
 function Header(el) el.identifier = "" return el end
