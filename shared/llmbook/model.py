@@ -410,7 +410,11 @@ def read_safetensors(path) -> dict:
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know.")
         start, end = info["data_offsets"]
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        if end > len(body):
+            raise ValueError(f"{path} is truncated: tensor {name} ends at byte {end} of the data, which "
+                             f"has only {len(body)} bytes. Delete the file and download it again.")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"])
     return tensors
 
