@@ -58,3 +58,12 @@ def test_every_figure_is_in_the_pdf(pdf):
 def test_pages_are_numbered(pdf):
     last_page_lines = pdf.pages[-1].extract_text().split()
     assert str(len(pdf.pages) - 1) in last_page_lines  # the title page is unnumbered
+
+
+def test_old_typst_symbols_are_renamed_in_math_only():
+    body = ('```python\npattern = re.compile(r"end$")\n```\n'        # a lone dollar inside code
+            "so $gamma dot.circle x$ holds, `dot.circle` is code, \\$ dot.circle is text")
+    fixed = build_pdf.rename_typst_symbols(body)
+    assert "$gamma dot.o x$" in fixed
+    assert "`dot.circle` is code" in fixed and "\\$ dot.circle is text" in fixed
+    assert 'r"end$")' in fixed

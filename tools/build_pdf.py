@@ -43,16 +43,21 @@ SOLUTION_OPEN = re.compile(r"<details>\s*<summary>(.*?)</summary>", re.IGNORECAS
 # pandoc still writes a few math symbol names that typst 0.14 renamed; fixed inside $…$ only.
 TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.circle": "times.o",
                         "minus.circle": "minus.o", "sect": "inter", "sect.big": "inter.big"}
-TYPST_MATH = re.compile(r"\$[^$]+\$")
+# Raw code (fenced blocks, inline `code`) and escaped characters are skipped, so a dollar sign in
+# code can never pair up with one that opens math.
+TYPST_RAW_OR_MATH = re.compile(r"(?P<raw>(?P<fence>`{3,})[\s\S]*?(?P=fence)|`[^`\n]*`|\\.)"
+                               r"|(?P<math>\$(?:[^$\\]|\\.)*\$)")
 OLD_SYMBOL = re.compile(r"(?<![\w.])(%s)(?![\w.])" % "|".join(
     re.escape(name) for name in sorted(TYPST_SYMBOL_RENAMES, key=len, reverse=True)))
 
 
 def rename_typst_symbols(body: str) -> str:
     """Replace old symbol names inside math only, so prose and code that mention them are untouched."""
-    def fix_math(math: re.Match) -> str:
-        return OLD_SYMBOL.sub(lambda old: TYPST_SYMBOL_RENAMES[old.group(1)], math.group(0))
-    return TYPST_MATH.sub(fix_math, body)
+    def fix_math(match: re.Match) -> str:
+        if match.group("math") is None:
+            return match.group(0)
+        return OLD_SYMBOL.sub(lambda old: TYPST_SYMBOL_RENAMES[old.group(1)], match.group("math"))
+    return TYPST_RAW_OR_MATH.sub(fix_math, body)
 
 
 # pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst

@@ -17,6 +17,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     the top_k most likely tokens and/or to the smallest set whose probability reaches top_p
     (nucleus sampling, Holtzman et al., 2020), and one token is drawn from what is left.
     """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}; "
+                         "for one sequence use logits[None].")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy).")
     if top_k is not None and top_k < 1:
@@ -40,30 +43,38 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
 def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   eos_id: int | None = None, generator: torch.Generator | None = None):
-    """Yield the next token ids (B, 1), one step at a time, for prompts idx (B, T).
+    """An iterator over the next token ids (B, 1), one step at a time, for prompts idx (B, T).
 
     Stops after max_new_tokens, or once every row has produced eos_id (rows that finished early
     keep receiving eos_id). With use_cache, the prompt is run once and every later step feeds only
     the newest token; when the sequence outgrows the model's context, the cache is dropped and each
     step recomputes the last context_length tokens, exactly as use_cache=False does.
+    Arguments are checked here, before the first token is asked for.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be token ids of shape (batch, T) with T >= 1, got {tuple(idx.shape)}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, generator)
+
+
+@torch.no_grad()
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, generator):
     was_training = model.training
     model.eval()
     context = model.config.context_length
     cache = None
-    if use_cache and idx.size(1) < context:
-        cache_len = min(context, idx.size(1) + max_new_tokens)
-        dtype = next(model.parameters()).dtype
-        cache = KVCache(model.config, idx.size(0), cache_len, device=idx.device, dtype=dtype)
-        logits = model(idx, cache)[:, -1]
-    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     try:
+        if use_cache and idx.size(1) < context and max_new_tokens > 0:
+            # room for the prompt and every new token but the last, which is never fed back
+            cache_len = min(context, idx.size(1) + max_new_tokens - 1)
+            dtype = next(model.parameters()).dtype
+            cache = KVCache(model.config, idx.size(0), cache_len, device=idx.device, dtype=dtype)
+            logits = model(idx, cache)[:, -1]
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             if cache is None:
                 logits = model(idx[:, -context:])[:, -1]
@@ -72,7 +83,7 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
                 next_id = next_id.masked_fill(finished[:, None], eos_id)
                 finished |= next_id[:, 0] == eos_id
             yield next_id
-            if eos_id is not None and bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
             idx = torch.cat([idx, next_id], dim=1)
             if cache is not None:

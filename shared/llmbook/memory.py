@@ -154,9 +154,6 @@ def block_activation_bytes(config, batch_size: int, seq_len: int, autocast: bool
         total += scores * 2 if autocast else 0                            # the 16-bit copy of the weights
     else:
         total += N * d * c + 2 * N * kv * c + N * d * c + B * H * T * 4   # q, k, v, output, log-sum-exp
-        # After RoPE, q is head-major (B, H, T, hd) in memory, and so is SDPA's output: the
-        # transpose back to (B, T, d) then copies it, and out_proj keeps that copy as well.
-        total += N * d * c if config.pos_encoding == "rope" else 0
     total += N * d * c if config.dropout > 0 else 0                       # residual dropout mask
     total += _norm_bytes(config, N) + linear_inputs(1 if config.mlp == "gelu" else 2)
     total += (2 if config.mlp == "gelu" else 4) * N * f * c               # GELU in/out; SwiGLU gate, silu, up, product

@@ -142,13 +142,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, positions, kv_cache=None):
         B, T, _ = x.shape
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        # (B, T, heads * head_dim) -> (B, T, heads, head_dim)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.config.pos_encoding == "rope":
-            q = apply_rope(q, positions, self.config.rope_base)
-            k = apply_rope(k, positions, self.config.rope_base)
+            # rotate in this token-major layout (positions broadcast over heads): the transposes below
+            # then stay views, and so does the attention output's way back to (B, T, d_model)
+            q = apply_rope(q, positions[:, None], self.config.rope_base)
+            k = apply_rope(k, positions[:, None], self.config.rope_base)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv_cache is not None:  # keys and values of all earlier tokens, then ours
             k, v = kv_cache.append(k, v)
         S = k.size(2)
@@ -387,7 +390,8 @@ def load_gpt2_state_dict(state_dict: dict, n_head: int) -> GPT:
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+                      "I8": torch.int8, "I16": torch.int16, "BOOL": torch.bool}
 
 
 def read_safetensors(path) -> dict:
