@@ -25,9 +25,10 @@ book: setup
 	$(BIN)/python tools/run_notebooks.py
 	$(BIN)/python tools/build_pdf.py --source build/book
 
+# Two pytest workers with one thread each: torch's second thread only fights the other worker.
 test: setup
 	$(BIN)/python tools/export.py --check
-	$(BIN)/python -m pytest -n 2 --dist loadfile \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations=12 \
 		--nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg \
 		tests $(NOTEBOOK_DIRS)
 
