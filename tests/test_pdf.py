@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 from pypdf import PdfReader
 
@@ -67,3 +68,15 @@ def test_old_typst_symbols_are_renamed_in_math_only():
     assert "$gamma dot.o x$" in fixed
     assert "`dot.circle` is code" in fixed and "\\$ dot.circle is text" in fixed
     assert 'r"end$")' in fixed
+
+
+def test_progress_bar_redraws_keep_only_the_last_state():
+    text = "train:   0%|          | 0/400\rtrain:  50%|#####     | 200/400\rtrain: 100%|##########| 400/400\ndone\n"
+    assert build_pdf.as_a_terminal_shows(text) == "train: 100%|##########| 400/400\ndone\n"
+
+
+def test_stream_outputs_of_one_progress_bar_become_one_line():
+    redraws = [nbformat.v4.new_output("stream", name="stderr", text=f"\rtrain: {i}/3") for i in range(4)]
+    redraws.append(nbformat.v4.new_output("stream", name="stdout", text="loss 5.5\n"))
+    cleaned = build_pdf.clean_outputs(redraws)
+    assert [(o["name"], o["text"]) for o in cleaned] == [("stderr", "train: 3/3"), ("stdout", "loss 5.5\n")]

@@ -127,11 +127,21 @@ def print_solutions(markdown: str) -> str:
     return re.sub(r"</details>", "", markdown, flags=re.IGNORECASE)
 
 
+def as_a_terminal_shows(text: str) -> str:
+    """Progress bars redraw their line with carriage returns; keep only each line's last state."""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
 def clean_outputs(outputs: list) -> list:
     kept = []
     for out in outputs:
         if out.get("output_type") == "stream":
-            out["text"] = ANSI_ESCAPE.sub("", out["text"])
+            previous = kept[-1] if kept else None
+            if previous is not None and previous.get("output_type") == "stream" and previous["name"] == out["name"]:
+                # a progress bar arrives as one stream output per redraw: join them, then redraw
+                previous["text"] = as_a_terminal_shows(previous["text"] + ANSI_ESCAPE.sub("", out["text"]))
+                continue
+            out["text"] = as_a_terminal_shows(ANSI_ESCAPE.sub("", out["text"]))
         elif any(kind.startswith("image/") for kind in out.get("data", {})):
             # a figure also carries a text/plain '<Figure size …>' that pandoc would print too
             out["data"] = {k: v for k, v in out["data"].items() if k.startswith("image/")}
