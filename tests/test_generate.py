@@ -18,15 +18,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: several threads cost more than they save, a lot more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(**changes):
     # An untrained model with a tied head mostly repeats its last input token; an untied head gives
     # varied greedy output, so that a wrong cache would change the tokens and not only the logits.

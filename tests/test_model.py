@@ -21,15 +21,6 @@ SWITCHES = dict(pos_encoding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
 ALL_CONFIGS = [dict(zip(SWITCHES, values)) for values in itertools.product(*SWITCHES.values())]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster than two, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny(**overrides):
     base = dict(vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32)
     return GPTConfig(**{**base, **overrides})

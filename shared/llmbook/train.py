@@ -293,15 +293,21 @@ class Pretrained:
     checkpoint: str
 
 
-def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
-    """Train the preset's tokenizer and model from scratch (deterministically) and store both in
-    the cache folder, replacing an earlier copy."""
-    from llmbook.corpus import cache_dir, load_corpus, split_documents
-    from llmbook.tokenizer import BPETokenizer
+def preset_and_folder(name: str, cache=None) -> tuple[Preset, str]:
+    """The preset called name and the cache folder its tokenizer and checkpoint live in."""
+    from llmbook.corpus import cache_dir
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}.")
     preset = PRESETS[name]
-    folder = os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
+    return preset, os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
+
+
+def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
+    """Train the preset's tokenizer and model from scratch (deterministically) and store both in
+    the cache folder, replacing an earlier copy."""
+    from llmbook.corpus import load_corpus, split_documents
+    from llmbook.tokenizer import BPETokenizer
+    preset, folder = preset_and_folder(name, cache)
     train_docs, val_docs = split_documents(load_corpus(preset.corpus), preset.val_fraction)
     tokenizer = BPETokenizer.train([d.text for d in train_docs], preset.vocab_size)
     if tokenizer.vocab_size != preset.model.vocab_size:
@@ -321,12 +327,8 @@ def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained
 def load_pretrained(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
     """The preset's pretrained model and tokenizer: from the cache when an earlier run stored them,
     otherwise trained now by pretrain() (minutes on a CPU for "cpu") and cached."""
-    from llmbook.corpus import cache_dir
     from llmbook.tokenizer import BPETokenizer
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}.")
-    preset = PRESETS[name]
-    folder = os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
+    preset, folder = preset_and_folder(name, cache)
     checkpoint_path = os.path.join(folder, "model.ckpt")
     tokenizer_path = os.path.join(folder, "tokenizer.json")
     if not (os.path.exists(checkpoint_path) and os.path.exists(tokenizer_path)):
