@@ -113,6 +113,10 @@ def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> list:
                 kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+    # SIGKILL is delivered asynchronously: wait until the processes have really exited.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids if p != proc.pid):
+        time.sleep(0.01)
     proc.wait()
     return pids
 
@@ -222,11 +226,13 @@ def init_worker(timeout_s: float = 120, backend: str | None = None) -> Worker:
     return Worker(rank, world_size, local_rank, device, backend)
 
 
-def rank_print(*values, **kwargs):
+def rank_print(*values, sep=" ", end="\n", **kwargs):
     """print() with a "[rank r]" prefix, flushed at once so lines from different ranks interleave
-    as they happen instead of when each process exits."""
+    as they happen instead of when each process exits. The line is written in one piece: the
+    ranks share one pipe, and separate writes of prefix and text could interleave mid-line."""
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-    print(f"[rank {rank}]", *values, **kwargs, flush=True)
+    line = sep.join(map(str, (f"[rank {rank}]", *values))) + end
+    print(line, end="", **kwargs, flush=True)
 
 
 def save_result(path, result: dict) -> None:
