@@ -15,7 +15,7 @@ from llmbook.model import GPT, Block, GPTConfig, parameter_count
 from llmbook.sizing import (BF16, FP32, GPUS, GiB, LLAMA_SHAPES, STEP_COUNTER_BYTES, Layout, Precision,
                             block_activation_bytes_parallel, estimate_memory, fsdp_shard_numel,
                             in_flight_micro_batches, korthikanti_parallel_layer_bytes, llama_config, min_gpus,
-                            parameter_shapes, shard_rows, stage_layers, stage_parameters, tensor_parallel_shape,
+                            parameter_shapes, shard_rows, stage_blocks, stage_parameters, tensor_parallel_shape,
                             usable_bytes)
 
 AUTOCAST = Precision("fp32 weights, bf16 autocast", 4, 4, 0, 8, autocast=True)
@@ -76,13 +76,13 @@ def test_pipeline_stages_partition_the_parameters():
             if p > config.n_layer:
                 continue
             names = [n for s in range(p) for n in stage_parameters(config, s, p)]
-            layers = [i for s in range(p) for i in stage_layers(config.n_layer, s, p)]
+            layers = [i for s in range(p) for i in stage_blocks(config.n_layer, s, p)]
             assert layers == list(range(config.n_layer))
             extra = ["lm_head.weight"] if config.tie_weights and p > 1 else []  # Megatron's copy
             assert sorted(names) == sorted(list(parameter_shapes(config)) + extra)
-    assert [len(stage_layers(22, s, 4)) for s in range(4)] == [6, 6, 5, 5]
+    assert [len(stage_blocks(22, s, 4)) for s in range(4)] == [6, 6, 5, 5]
     with pytest.raises(ValueError, match="cannot fill"):
-        stage_layers(2, 0, 4)
+        stage_blocks(2, 0, 4)
 
 
 # ---------------------------------------------------------------- ZeRO by hand

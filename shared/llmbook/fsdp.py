@@ -52,6 +52,8 @@ def zero_bytes_per_rank(n_params: int, world_size: int, stage: int, param_bytes:
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from llmbook.tensor_parallel import full_tensors, local_nbytes
+
 
 def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None):
     """Apply FSDP2 to a GPT (or a pipeline stage of one) in place and return it: one FSDP unit per
@@ -78,18 +80,6 @@ def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedP
     return model
 
 
-def local_bytes(tensors) -> int:
-    """Bytes this rank stores for `tensors` (an iterable, None entries skipped): a DTensor counts
-    only its local shard, a plain tensor all of itself."""
-    total = 0
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        total += local.numel() * local.element_size()
-    return total
-
-
 def state_bytes(model, optimizer=None) -> dict:
     """This rank's share of the training state, in bytes: {"params", "grads", "optimizer"}.
     The optimizer's part counts its state tensors except the step counters; for a
@@ -98,22 +88,14 @@ def state_bytes(model, optimizer=None) -> dict:
     inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps a local optimizer
     states = [] if inner is None else [value for state in inner.state.values()
                                        for key, value in state.items() if key != "step" and torch.is_tensor(value)]
-    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
-            "optimizer": local_bytes(states)}
+    return {"params": local_nbytes(params), "grads": local_nbytes(p.grad for p in params),
+            "optimizer": local_nbytes(states)}
 
 
 def unsharded_param_bytes(model) -> int:
     """Bytes of the FSDP-sharded model's parameters that are gathered right now. While a unit is
     gathered, FSDP2 registers its full weights as plain tensors in place of the sharded DTensors."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if not isinstance(p, DTensor))
-
-
-def full_tensors(named: dict) -> dict:
-    """{name: full tensor on the CPU} from {name: tensor or DTensor}. A DTensor is gathered from its
-    shards with full_tensor(), a collective: every rank of its mesh must call this with the same
-    names in the same order."""
-    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
-            for name, t in named.items()}
 
 
 def count_collectives(step) -> dict:

@@ -67,9 +67,9 @@ def build_3d(config, mesh, device, seed: int = 0, n_microbatches: int = 2, sched
 
 def gather_stages(named: dict, mesh) -> dict:
     """The whole model's full tensors on every rank, from this rank's {name: DTensor or tensor}:
-    gather the shards within the stage (over "dp" and "tp", llmbook.fsdp.full_tensors), then
+    gather the shards within the stage (over "dp" and "tp", llmbook.tensor_parallel.full_tensors), then
     exchange the stages' dictionaries over "pp". A collective: every rank calls it."""
-    from llmbook.fsdp import full_tensors
+    from llmbook.tensor_parallel import full_tensors
 
     mine = full_tensors(named)
     stages = [None] * mesh["pp"].size()

@@ -202,22 +202,13 @@ def fsdp_shard_numel(shape: tuple, world: int, rank: int, padded: bool = False) 
     return shard_rows(shape[0], world, rank, padded) * rest
 
 
-def stage_layers(n_layer: int, stage: int, pipeline: int) -> range:
-    """The blocks that pipeline stage `stage` of `pipeline` holds: contiguous, the first
-    n_layer % pipeline stages one block more than the others."""
-    if n_layer < pipeline:
-        raise ValueError(f"{n_layer} layers cannot fill {pipeline} pipeline stages; use pipeline <= n_layer.")
-    if not 0 <= stage < pipeline:
-        raise ValueError(f"stage={stage} is out of range for {pipeline} stages (0..{pipeline - 1}).")
-    base, extra = divmod(n_layer, pipeline)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
+from llmbook.pipeline import stage_blocks  # which blocks a stage holds, as the pipeline job splits them
 
 
 def stage_parameters(config, stage: int, pipeline: int) -> dict:
     """{name: shape} of the parameters pipeline stage `stage` holds: its blocks, the embeddings on
     the first stage, the final norm and the head on the last (a tied head: a copy on the last stage)."""
-    layers = stage_layers(config.n_layer, stage, pipeline)
+    layers = stage_blocks(config.n_layer, stage, pipeline)
     kept = {}
     for name, shape in parameter_shapes(config).items():
         if name.startswith("blocks."):
@@ -357,7 +348,7 @@ def _stage_activations(config, layout, stage, batch_size, seq_len, precision, ch
     B, T, N, d, V = batch_size, seq_len, batch_size * seq_len, config.d_model, config.vocab_size
     autocast, c = precision.autocast, (2 if precision.autocast else 4)
     whole = activation_memory(config, B, T, autocast=autocast, checkpoint=checkpoint)
-    n_layers = len(stage_layers(config.n_layer, stage, p))
+    n_layers = len(stage_blocks(config.n_layer, stage, p))
     per_block = block_activation_bytes_parallel(config, B, T, autocast, t, sp)
     if checkpoint:  # each block keeps only its fp32 input; RoPE models also keep the position ids
         blocks = n_layers * (N * d * 4 // (t if sp else 1))

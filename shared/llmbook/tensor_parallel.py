@@ -275,8 +275,11 @@ def apply_dtensor_parallel(model, tp_mesh):
 
 
 def full_tensors(tensors: dict) -> dict:
-    """{name: tensor} with every DTensor replaced by the full tensor it is a shard of (a collective)."""
-    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+    """{name: full tensor on the CPU} from {name: tensor or DTensor}. A DTensor is gathered from its
+    shards with full_tensor(), a collective: every rank of its mesh must call this with the same
+    names in the same order."""
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+            for name, t in tensors.items()}
 
 
 def local_nbytes(tensors) -> int:
