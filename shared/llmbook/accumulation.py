@@ -203,16 +203,15 @@ class CollectiveCounter(TorchDispatchMode):
 def full_tensors(model, grads: bool = False) -> dict:
     """{parameter name: full CPU copy} of the parameters (or their gradients), with DDP's
     "module." prefix removed and FSDP2's shards gathered (a collective: call it on every rank)."""
-    result = {}
+    from llmbook.tensor_parallel import full_tensors as gather_full
+
+    named = {}
     for name, param in model.named_parameters():
         tensor = param.grad if grads else param
         if tensor is None:
             raise ValueError(f"{name} has no gradient: run a backward pass before asking for gradients.")
-        tensor = tensor.detach()
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2, tensor parallel)
-            tensor = tensor.full_tensor()
-        result[name.removeprefix("module.")] = tensor.cpu().clone()
-    return result
+        named[name.removeprefix("module.")] = tensor
+    return gather_full(named)
 
 
 def accumulated_sgd_steps(model, steps, lr: float, normalization: str = "global_tokens",
