@@ -33,7 +33,9 @@ class LaunchResult:
     def check(self) -> "LaunchResult":
         """Return self if the job succeeded, else raise with the tail of its output."""
         if self.returncode != 0:
-            tail = "\n".join(self.output.splitlines()[-30:])
+            # torchrun's own traceback and failure summary take the last ~30 lines; the failing
+            # rank's traceback comes before them.
+            tail = "\n".join(self.output.splitlines()[-80:])
             raise RuntimeError(f"`{' '.join(self.command[2:])}` exited with code {self.returncode}; "
                                f"the end of its output:\n{tail}")
         return self
