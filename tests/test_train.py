@@ -347,6 +347,35 @@ def test_load_pretrained_retrains_an_interrupted_run(tmp_path, monkeypatch, tiny
     assert same_parameters(first.model, again.model)       # deterministic retraining
 
 
+def test_concurrent_loads_train_once_and_never_see_a_partial_model(tmp_path, monkeypatch, tiny_preset):
+    """Two notebooks asking for the same model at once: one trains, the other waits for the lock
+    and loads the finished files (the lock is per open file, so threads exercise it too)."""
+    import threading
+    real_train, runs, seen_partial = T.train, [], []
+    folder = tmp_path / "models" / f"tiny-{T.preset_key(tiny_preset)}"
+
+    def slow_counting_train(*args, **kwargs):
+        runs.append(1)
+        log = real_train(*args, **kwargs)
+        seen_partial.append((folder / "model.ckpt").exists())   # nothing final before the rename
+        return log
+
+    monkeypatch.setattr(T, "train", slow_counting_train)
+    results = [None, None]
+
+    def load(i):
+        results[i] = T.load_pretrained("tiny", cache=tmp_path, progress=False)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert runs == [1] and seen_partial == [False]
+    assert same_parameters(results[0].model, results[1].model)
+    assert sorted(os.listdir(folder)) == ["model.ckpt", "tokenizer.json"]
+
+
 def test_preset_key_changes_with_any_setting(tiny_preset):
     import dataclasses
     key = T.preset_key(tiny_preset)

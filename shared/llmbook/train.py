@@ -302,12 +302,32 @@ def preset_and_folder(name: str, cache=None) -> tuple[Preset, str]:
     return preset, os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
 
 
+def _cache_lock(folder: str):
+    """An exclusive lock on the file beside folder, held while a preset is trained: when two
+    processes (two notebooks, two test workers) need the same model, one trains it and the other
+    waits, then loads the result, instead of both training and overwriting each other's files.
+    Released when the returned file is closed. Without fcntl (Windows) nothing is locked."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    handle = open(folder + ".lock", "a")
+    try:
+        import fcntl
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except ImportError:
+        pass
+    return handle
+
+
 def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
     """Train the preset's tokenizer and model from scratch (deterministically) and store both in
     the cache folder, replacing an earlier copy."""
+    preset, folder = preset_and_folder(name, cache)
+    with _cache_lock(folder):
+        return _train_preset(preset, folder, progress)
+
+
+def _train_preset(preset: Preset, folder: str, progress: bool) -> Pretrained:
     from llmbook.corpus import load_corpus, split_documents
     from llmbook.tokenizer import BPETokenizer
-    preset, folder = preset_and_folder(name, cache)
     train_docs, val_docs = split_documents(load_corpus(preset.corpus), preset.val_fraction)
     tokenizer = BPETokenizer.train([d.text for d in train_docs], preset.vocab_size)
     if tokenizer.vocab_size != preset.model.vocab_size:
@@ -318,25 +338,40 @@ def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT(preset.model).to(device)
     os.makedirs(folder, exist_ok=True)
+    # Train into side files and rename them into place at the end: a reader never finds a
+    # half-trained model.ckpt, and an interrupted run leaves the previous copy untouched.
     checkpoint_path = os.path.join(folder, "model.ckpt")
-    log = train(model, train_ids, val_ids, preset.train, checkpoint_path=checkpoint_path, progress=progress)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    log = train(model, train_ids, val_ids, preset.train, checkpoint_path=checkpoint_path + ".partial",
+                progress=progress)
+    tokenizer.save(os.path.join(folder, "tokenizer.json.partial"))
+    os.replace(os.path.join(folder, "tokenizer.json.partial"), os.path.join(folder, "tokenizer.json"))
+    os.replace(checkpoint_path + ".partial", checkpoint_path)
     return Pretrained(model.eval(), tokenizer, log, checkpoint_path)
 
 
-def load_pretrained(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
-    """The preset's pretrained model and tokenizer: from the cache when an earlier run stored them,
-    otherwise trained now by pretrain() (minutes on a CPU for "cpu") and cached."""
+def _cached_model(preset: Preset, folder: str) -> Pretrained | None:
+    """The complete model stored in folder, or None if there is none."""
     from llmbook.tokenizer import BPETokenizer
-    preset, folder = preset_and_folder(name, cache)
     checkpoint_path = os.path.join(folder, "model.ckpt")
     tokenizer_path = os.path.join(folder, "tokenizer.json")
     if not (os.path.exists(checkpoint_path) and os.path.exists(tokenizer_path)):
-        return pretrain(name, cache, progress)
+        return None
     state = load_checkpoint(checkpoint_path)
     if state["step"] != preset.train.max_steps:
-        return pretrain(name, cache, progress)  # an interrupted run: finish it from scratch
+        return None  # an interrupted run of an older version of this code: train again
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # where pretrain() leaves it
     return Pretrained(model.eval(), BPETokenizer.load(tokenizer_path), TrainLog(**state["log"]), checkpoint_path)
+
+
+def load_pretrained(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
+    """The preset's pretrained model and tokenizer: from the cache when an earlier run stored them,
+    otherwise trained now (minutes on a CPU for "cpu") and cached. If another process is training
+    the same preset, wait for it and load its result."""
+    preset, folder = preset_and_folder(name, cache)
+    pretrained = _cached_model(preset, folder)
+    if pretrained is None:
+        with _cache_lock(folder):  # then look again: the lock's holder may have just finished
+            pretrained = _cached_model(preset, folder) or _train_preset(preset, folder, progress)
+    return pretrained
