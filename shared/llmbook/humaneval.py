@@ -181,7 +181,8 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
     idx = torch.tensor([ids] * n, dtype=torch.long, device=device)
     eos_id = getattr(tokenizer, "eot_token", None)
     new_tokens, done = [[] for _ in range(n)], [False] * n
-    for step in stream_tokens(model, idx, max_new_tokens, temperature, top_k, None, True, eos_id, generator):
+    for step in stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                              eos_id=eos_id, generator=generator):
         for row, token in enumerate(step[:, 0].tolist()):
             if done[row]:
                 continue
