@@ -1,10 +1,15 @@
 """llmbook.launch: a job that works, a rank that crashes, a rank that hangs -- and nothing left behind."""
 
+import importlib
+import inspect
 import os
 
 import pytest
 
-from llmbook.launch import LaunchTimeout, _alive, load_result, process_tree, torchrun
+from llmbook.launch import LaunchTimeout, _alive, job_arguments, load_result, process_tree, torchrun
+
+# Every module that torchrun runs as a job.
+JOB_MODULES = ["launch", "data_parallel", "tensor_parallel", "accumulation", "pipeline", "fsdp", "mesh3d", "sizing"]
 
 
 def test_two_ranks_all_reduce(tmp_path):
@@ -14,6 +19,8 @@ def test_two_ranks_all_reduce(tmp_path):
     assert summary["world_size"] == 2 and summary["sum_of_ranks"] == 1.0
     assert len(set(summary["pids"])) == 2  # two processes, not two threads
     assert "[rank 0] hello" in result.output and "[rank 1] hello" in result.output
+    # the last lines before the os._exit that ends each rank: nothing printed is lost
+    assert "[rank 0] all_reduce(rank) = 1" in result.output and "[rank 1] all_reduce(rank) = 1" in result.output
     assert not any(_alive(pid) for pid in summary["pids"])
 
 
@@ -56,3 +63,27 @@ def test_worker_outside_torchrun_says_how_to_start_it(monkeypatch):
 
 def test_process_tree_finds_this_process():
     assert process_tree(os.getpid())[0] == os.getpid()
+
+
+def test_job_arguments_share_the_common_options():
+    parser = job_arguments("a job", steps=3, lr=0.5)
+    args = parser.parse_args([])
+    assert (args.steps, args.lr, args.out) == (3, 0.5, None)
+    assert not hasattr(args, "batch_size")  # a default of None leaves the option out
+    args = parser.parse_args(["--steps", "7", "--out", "result.json"])
+    assert (args.steps, args.out) == (7, "result.json")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-size", "8"])
+
+
+@pytest.mark.parametrize("name", JOB_MODULES)
+def test_every_job_runs_inside_run_job(name):
+    """One frame for every job: no job parses its own common options, joins or leaves the process
+    group, or writes its result itself (where the shutdown abort used to come from)."""
+    module = importlib.import_module(f"llmbook.{name}")
+    assert "run_job(" in inspect.getsource(module.main)
+    job = module._hello if name == "launch" else module._job
+    job_code = inspect.getsource(job) + inspect.getsource(module.main)
+    for skeleton in ("init_worker(", "init_process_group(", "destroy_process_group(", "ArgumentParser(",
+                     "json.dump(", "all_gather_object("):
+        assert skeleton not in job_code, (name, skeleton)

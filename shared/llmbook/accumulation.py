@@ -8,7 +8,6 @@ so that padded or uneven micro-batches stay exact. DDP's no_sync() and FSDP2's
 set_requires_gradient_sync() communicate once per optimizer step, and `main` checks everything
 against llmbook.data_parallel's single-process run on two or more processes."""
 
-import argparse
 import contextlib
 from collections import Counter
 
@@ -237,29 +236,18 @@ def accumulated_sgd_steps(model, steps, lr: float, normalization: str = "global_
     return Run(losses, first_grads, full_tensors(model))
 
 
-def main(argv=None):
-    """Gradient accumulation on every rank, compared with one process on the global batch: DDP
-    with and without no_sync() (all-reduces counted), padded micro-batches normalized by the global
-    token count and by the two wrong recipes, and FSDP2 with set_requires_gradient_sync()."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from llmbook.data_parallel import (CommCounter, build_model, counting_allreduce_hook,
                                        global_batches, max_abs_diff, shard, single_process_run,
                                        tiny_config)
-    from llmbook.launch import init_worker, rank_print, save_result
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
-    parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per rank and step")
-    parser.add_argument("--min-len", type=int, default=1, help="shortest document in the padded batches")
-    parser.add_argument("--seed", type=int, default=3, help="seed of the padded batches")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--out", default=None, help="write the comparison here as JSON")
-    args = parser.parse_args(argv)
-
-    worker = init_worker()
     rank, world_size, device = worker.rank, worker.world_size, worker.device
     config = tiny_config()
     K = args.micro_batches
@@ -340,14 +328,22 @@ def main(argv=None):
                f"per step without, {v['fsdp2_sync_last'].get('reduce_scatter_calls_per_step', 0)} with "
                f"set_requires_gradient_sync; max|grad diff| {v['fsdp2_every_micro_batch']['grad_diff']:.1e}, "
                f"{v['fsdp2_sync_last']['grad_diff']:.1e}")
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {"world_size": world_size, "steps": args.steps, "micro_batches": K,
-                               "global_batch": args.batch_size,
-                               "equal_reference_losses": equal_reference.losses,
-                               "padded_reference_losses": padded_reference.losses, "ranks": everyone})
-    dist.destroy_process_group()
+    everyone = from_every_rank(mine)
+    return {"world_size": world_size, "steps": args.steps, "micro_batches": K,
+            "global_batch": args.batch_size,
+            "equal_reference_losses": equal_reference.losses,
+            "padded_reference_losses": padded_reference.losses, "ranks": everyone}
+
+
+def main(argv=None):
+    """Gradient accumulation on every rank, compared with one process on the global batch: DDP
+    with and without no_sync() (all-reduces counted), padded micro-batches normalized by the global
+    token count and by the two wrong recipes, and FSDP2 with set_requires_gradient_sync()."""
+    parser = job_arguments(main.__doc__, steps=3, batch_size=16, lr=0.1)
+    parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per rank and step")
+    parser.add_argument("--min-len", type=int, default=1, help="shortest document in the padded batches")
+    parser.add_argument("--seed", type=int, default=3, help="seed of the padded batches")
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

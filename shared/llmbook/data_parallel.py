@@ -5,7 +5,6 @@
 """Data parallelism by hand and with DistributedDataParallel, and the single-process reference
 run that every parallel strategy of Chapter 4 must reproduce."""
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -157,21 +156,13 @@ def counting_allreduce_hook(counter: CommCounter, bucket):
     return work.get_future().then(lambda future: future.value()[0])
 
 
-def main(argv=None):
-    """Train the tiny GPT for a few SGD steps three ways -- one process on the global batch,
-    data parallel by hand, and DistributedDataParallel -- and compare gradients and weights."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from llmbook.launch import init_worker, rank_print, save_result
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the ranks")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--out", default=None, help="write the comparison here as JSON")
-    args = parser.parse_args(argv)
-
-    worker = init_worker()
     rank, world_size = worker.rank, worker.world_size
     config = tiny_config()
     batches = global_batches(args.steps, args.batch_size, config.context_length)
@@ -210,13 +201,17 @@ def main(argv=None):
     rank_print(f"{mine['rows']} rows, local loss {mine['local_loss_step0']:.4f} "
                f"(global batch {mine['reference_loss_step0']:.4f}); max |grad - reference| "
                f"by hand {mine['by_hand_grad_diff']:.1e}, DDP {mine['ddp_grad_diff']:.1e}")
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {"world_size": world_size, "steps": args.steps,
-                               "n_params": sum(p.numel() for p in ddp_model.parameters()),
-                               "reference_losses": reference.losses, "ranks": everyone})
-    dist.destroy_process_group()
+    everyone = from_every_rank(mine)
+    return {"world_size": world_size, "steps": args.steps,
+            "n_params": sum(p.numel() for p in ddp_model.parameters()),
+            "reference_losses": reference.losses, "ranks": everyone}
+
+
+def main(argv=None):
+    """Train the tiny GPT for a few SGD steps three ways -- one process on the global batch,
+    data parallel by hand, and DistributedDataParallel -- and compare gradients and weights."""
+    parser = job_arguments(main.__doc__, steps=5, batch_size=8, lr=0.1)
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@
 PyTorch's FSDP2 (`fully_shard`) applied to our GPT, and a job (`main`) that checks FSDP against one
 process and measures what each rank holds."""
 
-import argparse
 import warnings
 
 import torch
-import torch.distributed as dist
 
 # Bytes per parameter of each part of the training state.
 # The ZeRO paper's mixed precision: fp16 weights and gradients, and K = 12 bytes of fp32 optimizer
@@ -125,29 +123,22 @@ def _compare(run, reference, max_abs_diff) -> dict:
             "param_diff": max_abs_diff(final_params, reference.final_params)}
 
 
-def main(argv=None):
-    """Train the tiny GPT with FSDP2 three ways (ZeRO-3, ZeRO-2-like, bf16 compute) and compare with
-    one process; count each variant's collectives; measure each rank's bytes of parameters,
-    gradients and AdamW state under DDP, ZeRO-1 and FSDP."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     from llmbook.data_parallel import (build_model, global_batches, lm_loss, max_abs_diff, sgd_steps, shard,
                                        single_process_run, tiny_config)
-    from llmbook.launch import init_worker, rank_print, save_result
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the ranks")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args(argv)
     # The root unit returns the logits, a view of the head's matmul output; FSDP warns that an
     # in-place change of that view would bypass its backward hook. We never change it in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
 
-    worker = init_worker()
     rank, world_size, device = worker.rank, worker.world_size, worker.device
     mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
     config = tiny_config()
@@ -201,13 +192,18 @@ def main(argv=None):
     rank_print(f"{mine['rows']} rows; max |grad - reference| ZeRO-3 {mine['zero3']['grad_diff']:.1e}, "
                f"ZeRO-2-like {mine['zero2']['grad_diff']:.1e}, bf16 {mine['bf16']['grad_diff']:.1e}; "
                f"bytes held DDP {sum(memory['ddp'].values()):,}, FSDP {sum(memory['fsdp'].values()):,}")
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {"world_size": world_size, "steps": args.steps, "batch_size": args.batch_size,
-                               "n_params": sum(p.numel() for p in reference.final_params.values()),
-                               "reference_losses": reference.losses, "ranks": everyone})
-    dist.destroy_process_group()
+    everyone = from_every_rank(mine)
+    return {"world_size": world_size, "steps": args.steps, "batch_size": args.batch_size,
+            "n_params": sum(p.numel() for p in reference.final_params.values()),
+            "reference_losses": reference.losses, "ranks": everyone}
+
+
+def main(argv=None):
+    """Train the tiny GPT with FSDP2 three ways (ZeRO-3, ZeRO-2-like, bf16 compute) and compare with
+    one process; count each variant's collectives; measure each rank's bytes of parameters,
+    gradients and AdamW state under DDP, ZeRO-1 and FSDP."""
+    parser = job_arguments(main.__doc__, steps=5, batch_size=8, lr=0.1)
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

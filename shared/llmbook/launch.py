@@ -7,7 +7,9 @@
 The parent side is `torchrun(module, nproc)`: it runs `python -m torch.distributed.run --standalone
 --nproc_per_node=N -m <module> ...` with the notebook's own interpreter, streams the workers'
 output as it comes, and on a timeout or an interrupt kills every process the job started. The
-worker side is `init_worker()`, `rank_print()` and `save_result()`, used by the scripts it runs.
+worker side is `run_job(job, args)`, the frame every job of the book runs in: it joins the process
+group (`init_worker()`), runs the job, has rank 0 write its result, and ends the process in a way
+that cannot abort. Inside a job, `rank_print()` and `from_every_rank()` help.
 """
 
 import json
@@ -237,34 +239,69 @@ def rank_print(*values, sep=" ", end="\n", **kwargs):
     print(line, end="", **kwargs, flush=True)
 
 
-def save_result(path, result: dict) -> None:
-    """Rank 0 writes the job's result as JSON for the notebook that launched it; the other ranks
-    wait, so that when the job exits the file is complete."""
-    if dist.get_rank() == 0:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, path)
-    dist.barrier()
+def from_every_rank(value) -> list:
+    """[rank 0's value, rank 1's, ...] on every rank: an all-gather of any picklable object (a
+    collective: every rank must call it)."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def load_result(path) -> dict:
-    """Read what save_result wrote."""
+    """Read the JSON result that a job's rank 0 wrote (see run_job)."""
     with open(path) as f:
         return json.load(f)
 
 
-def main(argv=None):
-    """A first job: every rank says hello, then the ranks all-reduce their rank numbers.
-    --crash-rank R makes rank R raise an error, --hang-rank R makes it sleep forever (so the
-    others wait in the all-reduce): what a launcher must survive."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--crash-rank", type=int, default=None)
-    parser.add_argument("--hang-rank", type=int, default=None)
-    parser.add_argument("--out", default=None, help="write the result here as JSON")
-    args = parser.parse_args(argv)
+def job_arguments(description: str, steps: int | None = None, batch_size: int | None = None,
+                  lr: float | None = None) -> argparse.ArgumentParser:
+    """The command line that every job of the book shares: --out, and --steps, --batch-size and
+    --lr with the job's own defaults (a default of None leaves that option out). The job adds its
+    own options to the parser this returns."""
+    parser = argparse.ArgumentParser(description=description)
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size,
+                            help="global batch: rows per step over all ranks")
+    if lr is not None:
+        parser.add_argument("--lr", type=float, default=lr, help="learning rate")
+    parser.add_argument("--out", default=None, help="rank 0 writes the job's result here as JSON")
+    return parser
 
-    worker = init_worker(timeout_s=60)
+
+def run_job(job, args: argparse.Namespace, timeout_s: float = 120) -> None:
+    """Run `job(worker, args)` as this rank of a torchrun job, and end the process cleanly.
+
+    It joins the process group (init_worker), calls the job, and rank 0 writes what the job
+    returns (a JSON-serialisable dict, or None) to `args.out`. Then every rank waits for the others
+    at a barrier, so that none leaves while another may still need it, destroys the process group
+    and exits. A job that raises still destroys the process group; the exception propagates, its
+    traceback is printed and torchrun reports the rank as failed.
+    """
+    worker = init_worker(timeout_s)
+    try:
+        result = job(worker, args)
+        if worker.rank == 0 and args.out and result is not None:
+            tmp = f"{args.out}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, args.out)  # the notebook never sees a half-written file
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's shutdown. gloo's worker threads may still hold the last
+    # reference to a Python object (a tensor of a finished collective, a future's callback) and
+    # take the GIL to release it. If that happens after the main thread has begun finalizing,
+    # CPython ends the thread with pthread_exit, whose unwinding meets a noexcept C++ frame:
+    # std::terminate, "terminate called without an active exception", SIGABRT. Under load this
+    # hit about one launch in a hundred. Everything this job had to do is done, and written.
+    os._exit(0)
+
+
+def _hello(worker: Worker, args) -> dict:
     rank_print(f"hello from pid {os.getpid()}: rank {worker.rank} of {worker.world_size}, "
                f"backend {worker.backend}, device {worker.device}")
     if worker.rank == args.crash_rank:
@@ -276,11 +313,18 @@ def main(argv=None):
     value = torch.tensor([float(worker.rank)], device=worker.device)
     dist.all_reduce(value)  # sum over ranks: 0 + 1 + ... + (W-1)
     rank_print(f"all_reduce(rank) = {value.item():g}")
-    pids = [None] * worker.world_size
-    dist.all_gather_object(pids, os.getpid())  # any picklable object, not just tensors
-    if args.out:
-        save_result(args.out, {"world_size": worker.world_size, "sum_of_ranks": value.item(), "pids": pids})
-    dist.destroy_process_group()
+    pids = from_every_rank(os.getpid())  # any picklable object, not just tensors
+    return {"world_size": worker.world_size, "sum_of_ranks": value.item(), "pids": pids}
+
+
+def main(argv=None):
+    """A first job: every rank says hello, then the ranks all-reduce their rank numbers.
+    --crash-rank R makes rank R raise an error, --hang-rank R makes it sleep forever (so the
+    others wait in the all-reduce): what a launcher must survive."""
+    parser = job_arguments(main.__doc__)
+    parser.add_argument("--crash-rank", type=int, default=None)
+    parser.add_argument("--hang-rank", type=int, default=None)
+    run_job(_hello, parser.parse_args(argv), timeout_s=60)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@
 data-parallel replicas (llmbook.fsdp), and a job (`main`) that checks the combination against
 one process."""
 
-import argparse
 import logging
 import warnings
 
@@ -97,35 +96,23 @@ def _placements(tensor) -> str:
     return "whole" if placements is None else ", ".join(repr(p) for p in placements)
 
 
-def main(argv=None):
-    """Train the tiny GPT on a pp x dp x tp mesh (default 2 x 2 x 2: 8 processes) for a few SGD
-    steps and compare with one process; record each rank's coordinates, what it holds and its
-    bytes of weights, gradients and AdamW state."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from llmbook.data_parallel import global_batches, max_abs_diff, shard, single_process_run, tiny_config
     from llmbook.fsdp import state_bytes
-    from llmbook.launch import init_worker, rank_print, save_result
     from llmbook.pipeline import pipeline_sgd_steps
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--pp", type=int, default=2, help="pipeline stages")
-    parser.add_argument("--dp", type=int, default=2, help="data-parallel (FSDP) replicas")
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel shards")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over dp")
-    parser.add_argument("--microbatches", type=int, default=2, help="per data-parallel replica")
-    parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args(argv)
     # Harmless notices, silenced so that the ranks' lines stay readable: FSDP's about the root's
     # output being a view (we never change it in place), and DTensor's that gathering a
     # parameter sharded twice along dim 0 (dp and tp) takes two all-gathers.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
-    worker = init_worker()
     if args.pp * args.dp * args.tp != worker.world_size:
         raise ValueError(f"--pp {args.pp} x --dp {args.dp} x --tp {args.tp} = {args.pp * args.dp * args.tp} "
                          f"ranks, but the job has {worker.world_size}: launch pp*dp*tp processes.")
@@ -163,14 +150,24 @@ def main(argv=None):
     rank_print(f"(pp, dp, tp) = {coords}: blocks {mine['blocks']} {mine['has']}, {mine['memory']['params']:,} "
                f"bytes of weights; max |grad - reference| {mine['grad_diff']:.1e}, "
                f"max |weight - reference| {mine['param_diff']:.1e}")
-    everyone = [None] * worker.world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {"shape": [args.pp, args.dp, args.tp], "steps": args.steps,
-                               "batch_size": args.batch_size, "microbatches": args.microbatches,
-                               "n_params": sum(t.numel() for t in reference.final_params.values()),
-                               "reference_losses": reference.losses, "ranks": everyone})
-    dist.destroy_process_group()
+    everyone = from_every_rank(mine)
+    return {"shape": [args.pp, args.dp, args.tp], "steps": args.steps,
+            "batch_size": args.batch_size, "microbatches": args.microbatches,
+            "n_params": sum(t.numel() for t in reference.final_params.values()),
+            "reference_losses": reference.losses, "ranks": everyone}
+
+
+def main(argv=None):
+    """Train the tiny GPT on a pp x dp x tp mesh (default 2 x 2 x 2: 8 processes) for a few SGD
+    steps and compare with one process; record each rank's coordinates, what it holds and its
+    bytes of weights, gradients and AdamW state."""
+    parser = job_arguments(main.__doc__, steps=5, batch_size=8, lr=0.1)
+    parser.add_argument("--pp", type=int, default=2, help="pipeline stages")
+    parser.add_argument("--dp", type=int, default=2, help="data-parallel (FSDP) replicas")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel shards")
+    parser.add_argument("--microbatches", type=int, default=2, help="per data-parallel replica")
+    parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

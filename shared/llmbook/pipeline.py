@@ -48,7 +48,6 @@ Example, the pipeline dimension of a DeviceMesh `mesh` with dims ("pp", ...):
     loss = pipe.step(inputs, targets)   # then all-reduce gradients over "dp", optimizer.step()
 """
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
@@ -339,28 +338,13 @@ def time_steps(pipe: Pipeline, inputs, targets, repeats: int) -> list:
     return records
 
 
-def main(argv=None):
-    """Train a 4-layer tiny GPT cut into one pipeline stage per rank, with GPipe and with 1F1B,
-    compare with one process on the same batches, and time steps for several micro-batch counts."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from llmbook.data_parallel import build_model, global_batches, single_process_run, tiny_config
-    from llmbook.launch import init_worker, rank_print, save_result
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch of every step")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--subgroup-size", type=int, default=0,
-                        help="also run 1F1B pipelines of this many stages on sub-groups of consecutive ranks")
-    parser.add_argument("--sweep", default="", help="micro-batch counts to time, e.g. '1,2,4,8' ('' for none)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per micro-batch count")
-    parser.add_argument("--timing-width", type=int, default=256, help="d_model of the timed model")
-    parser.add_argument("--timing-batch", type=int, default=16, help="global batch of the timed steps")
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args(argv)
-
-    worker = init_worker()
     stage, n_stages, device = worker.rank, worker.world_size, worker.device
     config = tiny_config(n_layer=args.n_layer)
     batches = global_batches(args.steps, args.batch_size, config.context_length)
@@ -418,17 +402,29 @@ def main(argv=None):
             timings.append({"schedule": kind, "microbatches": n_micro,
                             "records": time_steps(pipe, inputs, targets, args.repeats)})
 
-    everyone = [None] * n_stages
-    dist.all_gather_object(everyone, {"stage": mine, "timings": timings})
-    if args.out:
-        save_result(args.out, {"n_stages": n_stages, "n_layer": config.n_layer, "batch_size": args.batch_size,
-                               "microbatches": args.microbatches, "steps": args.steps,
-                               "timing_width": args.timing_width, "timing_batch": args.timing_batch,
-                               "reference_losses": reference.losses,
-                               "full_parameters": sorted(reference.final_params),
-                               "stages": [e["stage"] for e in everyone],
-                               "timings": [e["timings"] for e in everyone]})
-    dist.destroy_process_group()
+    everyone = from_every_rank({"stage": mine, "timings": timings})
+    return {"n_stages": n_stages, "n_layer": config.n_layer, "batch_size": args.batch_size,
+            "microbatches": args.microbatches, "steps": args.steps,
+            "timing_width": args.timing_width, "timing_batch": args.timing_batch,
+            "reference_losses": reference.losses,
+            "full_parameters": sorted(reference.final_params),
+            "stages": [e["stage"] for e in everyone],
+            "timings": [e["timings"] for e in everyone]}
+
+
+def main(argv=None):
+    """Train a 4-layer tiny GPT cut into one pipeline stage per rank, with GPipe and with 1F1B,
+    compare with one process on the same batches, and time steps for several micro-batch counts."""
+    parser = job_arguments(main.__doc__, steps=5, batch_size=16, lr=0.1)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--subgroup-size", type=int, default=0,
+                        help="also run 1F1B pipelines of this many stages on sub-groups of consecutive ranks")
+    parser.add_argument("--sweep", default="", help="micro-batch counts to time, e.g. '1,2,4,8' ('' for none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per micro-batch count")
+    parser.add_argument("--timing-width", type=int, default=256, help="d_model of the timed model")
+    parser.add_argument("--timing-batch", type=int, default=16, help="global batch of the timed steps")
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ what fits on which GPU. main() measures the same quantities on the tiny model un
 and DTensor tensor parallelism.
 """
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -579,26 +578,18 @@ def measure_activation_bytes(model, inputs, targets) -> int:
     return saved
 
 
-def main(argv=None):
-    """Train the tiny GPT for one AdamW step under DDP, FSDP2 (fully_shard) and DTensor tensor
-    parallelism, measure what each rank holds -- weights, gradients, optimizer state, saved
-    activations -- and compare with estimate_memory for the same configuration and layout."""
-    import torch.distributed as dist
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from llmbook.data_parallel import build_model, global_batches, lm_loss, shard, tiny_config
-    from llmbook.launch import init_worker, rank_print, save_result
     from llmbook.tensor_parallel import apply_dtensor_parallel
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--batch-size", type=int, default=4, help="global batch, split over the ranks")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", default=None, help="write the measurements here as JSON")
-    args = parser.parse_args(argv)
-
-    worker = init_worker()
     rank, world_size = worker.rank, worker.world_size
     runs = {  # name: (config, how it is parallelised); a vocabulary of 257 does not split evenly
         "DDP": (tiny_config(), "ddp"),
@@ -647,11 +638,16 @@ def main(argv=None):
                    f"optimizer {measured['optimizer']:>9,} B (predicted {predicted.optimizer:>9,}), "
                    f"activations {measured['activations']:>9,} B (predicted {predicted.activations:>9,})")
         del model, optimizer
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {"world_size": world_size, "batch_size": args.batch_size, "ranks": everyone})
-    dist.destroy_process_group()
+    everyone = from_every_rank(mine)
+    return {"world_size": world_size, "batch_size": args.batch_size, "ranks": everyone}
+
+
+def main(argv=None):
+    """Train the tiny GPT for one AdamW step under DDP, FSDP2 (fully_shard) and DTensor tensor
+    parallelism, measure what each rank holds -- weights, gradients, optimizer state, saved
+    activations -- and compare with estimate_memory for the same configuration and layout."""
+    parser = job_arguments(main.__doc__, batch_size=4, lr=1e-3)
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

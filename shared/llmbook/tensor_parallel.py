@@ -8,7 +8,6 @@ functions, f and g, and a function that shards a GPT in place), then with PyTorc
 (`tensor_parallel_plan`, `apply_dtensor_parallel`). `main()` is the torchrun job of
 ch04_distributed/02_tensor_parallel.ipynb: it checks both against one process on the same batch."""
 
-import argparse
 
 import torch
 import torch.distributed as dist
@@ -397,11 +396,11 @@ def memory_per_rank(model, inputs, targets) -> dict:
             "optimizer": local_nbytes(moments), "activations": activations}
 
 
-def main(argv=None):
-    """Tensor parallelism of the chapter's tiny GPT over all ranks of the job -- by hand (f/g) and
-    with DTensor (plain, and with sequence parallelism and a vocabulary-parallel loss) -- checked
-    against one process on the same global batch; then DDP on the same ranks, to compare memory
-    per rank and communication per step."""
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+
+def _job(worker, args) -> dict:
+    """This rank's part of the job that main() describes; returns the result rank 0 writes."""
     import warnings
 
     import torch.distributed.nn.functional as dist_nn
@@ -410,22 +409,12 @@ def main(argv=None):
 
     from llmbook.data_parallel import (CommCounter, build_model, counting_allreduce_hook, global_batches,
                                        lm_loss, max_abs_diff, sgd_steps, shard, tiny_config)
-    from llmbook.launch import init_worker, rank_print, save_result
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch; every TP rank sees all of it")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--models", nargs="+", default=["gpt2-style", "llama-style"],
-                        choices=["gpt2-style", "llama-style"])
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args(argv)
     # CommDebugMode's module hooks warn that a block input needs no gradient, and the pitfall below
     # uses a function torch has deprecated: both harmless here.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
 
-    worker = init_worker()
     rank, world_size, device = worker.rank, worker.world_size, worker.device
     tp_mesh = init_device_mesh(device.type, (world_size,))
     all_configs = {"gpt2-style": tiny_config(),
@@ -496,18 +485,25 @@ def main(argv=None):
         rank_print("bytes on this rank (params / grads / AdamW / activations): " + "; ".join(
             f"{name} {'/'.join(str(v) for v in m.values())}" for name, m in mine["memory"].items()))
 
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    if args.out:
-        save_result(args.out, {
-            "world_size": world_size, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+    everyone = from_every_rank(mine)
+    return {"world_size": world_size, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "configs": {label: {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
                                 "d_model": c.d_model, "d_ff": c.d_ff, "mlp": c.mlp,
                                 "seq_len": c.context_length,
                                 "n_params": sum(p.numel() for p in build_model(c, 0).parameters())}
                         for label, c in configs.items()},
-            "ranks": everyone})
-    dist.destroy_process_group()
+            "ranks": everyone}
+
+
+def main(argv=None):
+    """Tensor parallelism of the chapter's tiny GPT over all ranks of the job -- by hand (f/g) and
+    with DTensor (plain, and with sequence parallelism and a vocabulary-parallel loss) -- checked
+    against one process on the same global batch; then DDP on the same ranks, to compare memory
+    per rank and communication per step."""
+    parser = job_arguments(main.__doc__, steps=5, batch_size=8, lr=0.1)
+    parser.add_argument("--models", nargs="+", default=["gpt2-style", "llama-style"],
+                        choices=["gpt2-style", "llama-style"])
+    run_job(_job, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
