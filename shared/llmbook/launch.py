@@ -296,12 +296,13 @@ def run_job(job, args: argparse.Namespace, timeout_s: float = 120) -> None:
     # reference to a Python object (a tensor of a finished collective, a future's callback) and
     # take the GIL to release it. If that happens after the main thread has begun finalizing,
     # CPython ends the thread with pthread_exit, whose unwinding meets a noexcept C++ frame:
-    # std::terminate, "terminate called without an active exception", SIGABRT. Under load this
-    # hit about one launch in a hundred. Everything this job had to do is done, and written.
+    # std::terminate, "terminate called without an active exception", SIGABRT, after the job's
+    # work is done. Everything this job had to do is done, flushed and written: skip the shutdown.
     os._exit(0)
 
 
 def _hello(worker: Worker, args) -> dict:
+    """The job of main(), on this rank."""
     rank_print(f"hello from pid {os.getpid()}: rank {worker.rank} of {worker.world_size}, "
                f"backend {worker.backend}, device {worker.device}")
     if worker.rank == args.crash_rank:
