@@ -7,9 +7,9 @@ job `--repeats` times, `--parallel` at once (so that the machine is loaded, as i
 as torchrun summarised them, and the lines that explain it. After the last launch it looks for any
 process of these jobs that is still alive.
 
-    .venv/bin/python benchmarks/stress_launch.py                  # 20 launches of each of 7 jobs, 3 at a time
+    .venv/bin/python benchmarks/stress_launch.py                  # 20 launches of each of the 8 jobs, 3 at a time
     .venv/bin/python benchmarks/stress_launch.py --jobs accumulation sizing --repeats 40
-    .venv/bin/python benchmarks/stress_launch.py --load 2 --starve-gloo --backtrace   # provoke, and explain
+    .venv/bin/python benchmarks/stress_launch.py --load 6 --starve-gloo --backtrace   # provoke, and explain
 
 Two options help to find the cause of a rare failure. --starve-gloo runs every worker's gloo threads
 at the lowest CPU priority, so that on a busy machine (--load) they are descheduled for long stretches,
@@ -66,6 +66,9 @@ void abort(void) {
     _exit(134);
 }
 """
+
+# A busy process for --load. It spins until this script is gone, however this script ends.
+BUSY_PY = "import os, sys\nwhile os.getppid() == int(sys.argv[1]): pass"
 
 # Imported by every worker (as sitecustomize) under --starve-gloo.
 STARVE_GLOO_PY = """
@@ -161,7 +164,7 @@ def main(argv=None):
                         help="write the whole output of every failed launch into this folder")
     args = parser.parse_args(argv)
     order = [name for _ in range(args.repeats) for name in args.jobs]  # interleaved: every mix of jobs
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    hogs = [subprocess.Popen([sys.executable, "-c", BUSY_PY, str(os.getpid())]) for _ in range(args.load)]
     results, start = [], time.monotonic()
     try:
         with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(args.parallel) as pool:
