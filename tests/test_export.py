@@ -103,3 +103,71 @@ def test_exported_code_must_compile(tmp_path):
 
 def test_the_committed_package_is_up_to_date():
     assert export.main(["--check"]) == 0
+
+
+def test_imports_are_hoisted_once_and_each_notebook_is_marked(tmp_path):
+    write_notebook(tmp_path / "ch01_x" / "01_x.ipynb",
+                   '# export: llmbook.gamma\n"""Gamma."""\n\nimport math  # why\n\ndef one():\n    return math.pi',
+                   "# export: llmbook.gamma\nimport math\nimport os\nfrom pathlib import Path\n\n"
+                   "def two():\n    import json  # lazy: stays here\n    return Path(os.sep), json")
+    write_notebook(tmp_path / "ch01_x" / "02_y.ipynb",
+                   "# export: llmbook.gamma\nfrom pathlib import PurePath\nimport numpy as np\n\n_HIDDEN = 1\nSHOWN = 2")
+    text = export.export(tmp_path)[tmp_path / "shared/llmbook/gamma.py"]
+    head, _, body = text.partition("__all__")
+    assert head.index('"""Gamma."""') < head.index("import math  # why")
+    assert "import math  # why\nimport os\nfrom pathlib import Path, PurePath\n\nimport numpy as np\n" in head
+    assert "import" not in body.replace("import json  # lazy", "")
+    assert '__all__ = ["one", "two", "SHOWN"]' in "__all__" + body
+    assert body.index("# --- from ch01_x/01_x.ipynb ---") < body.index("def one")
+    assert body.index("def two") < body.index("# --- from ch01_x/02_y.ipynb ---") < body.index("SHOWN = 2")
+
+
+def test_one_name_imported_from_two_places_is_an_error(tmp_path):
+    write_notebook(tmp_path / "ch01_x" / "01_x.ipynb", "# export: llmbook.delta\nfrom os import path",
+                   "# export: llmbook.delta\nfrom sys import path")
+    with pytest.raises(export.ExportError, match="'path' is imported both from os.path and from sys.path"):
+        export.export(tmp_path)
+
+
+def _top_level(module_path):
+    import ast
+    return ast.parse(module_path.read_text(encoding="utf-8")).body
+
+
+GENERATED = sorted(p for p in (ROOT / "shared/llmbook").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", GENERATED, ids=lambda p: p.stem)
+def test_generated_module_imports_come_first_once_and_all_lists_its_api(path):
+    import ast
+    body = _top_level(path)
+    kinds = [isinstance(node, (ast.Import, ast.ImportFrom)) for node in body]
+    first_import = kinds.index(True) if True in kinds else 0
+    last_import = len(kinds) - 1 - kinds[::-1].index(True) if True in kinds else 0
+    assert all(kinds[first_import:last_import + 1]), f"{path.name}: an import below a definition"
+    bound = [alias.asname or alias.name for node in body if isinstance(node, (ast.Import, ast.ImportFrom))
+             for alias in node.names]
+    assert len(bound) == len(set(bound)), f"{path.name} imports a name twice"
+    exported = [node for node in body if isinstance(node, ast.Assign) and node.targets[0].id == "__all__"]
+    assert exported, f"{path.name} has no __all__"
+
+
+def test_no_two_modules_export_the_same_name():
+    import importlib
+    owners = {}
+    for path in GENERATED:
+        for name in importlib.import_module(f"llmbook.{path.stem}").__all__:
+            owners.setdefault(name, []).append(path.stem)
+    assert {name: mods for name, mods in owners.items() if len(mods) > 1} == {}
+
+
+def test_the_package_docstring_maps_every_module_to_its_notebook_and_command():
+    import llmbook
+    for path in GENERATED:
+        notebooks = [line.removeprefix("# Source: ") for line in path.read_text().splitlines()
+                     if line.startswith("# Source: ")]
+        row = next((line for line in llmbook.__doc__.splitlines() if line.split()[:1] == [path.stem]), None)
+        assert row is not None, f"llmbook/__init__.py's module map has no row for {path.stem}"
+        assert all(Path(nb).stem in row for nb in notebooks), f"{path.stem}'s row does not name {notebooks}"
+        has_main = "\ndef main(" in path.read_text()
+        assert (f"-m llmbook.{path.stem}" in row) == has_main, row

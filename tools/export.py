@@ -50,19 +50,152 @@ class Module:
     name: str
     chapter: int
     notebooks: list[str] = field(default_factory=list)
-    cells: list[str] = field(default_factory=list)
+    cells: list[tuple[str, str]] = field(default_factory=list)  # (notebook, code)
 
     def render(self) -> str:
-        body = "\n\n\n".join(cell.strip("\n") for cell in self.cells)
+        docstring, imports, body = _layout(self)
         header = [
             HEADER_FIRST_LINE,
             *[f"# Source: {nb}" for nb in self.notebooks],
             "# Edit the notebook, then run `python tools/export.py`.",
         ]
-        text = "\n".join(header) + "\n\n" + body + "\n"
+        parts = ["\n".join(header)]
+        if docstring:
+            parts.append(docstring)
+        if imports:
+            parts.append(imports)
+        public = _public_names(body)
+        if public:
+            parts.append(_wrap("__all__ = [", [f'"{name}"' for name in public], "]"))
+        text = "\n\n".join(parts) + "\n\n\n" + body + "\n"
         if _defines_main(text):
             text += '\n\nif __name__ == "__main__":\n    main()\n'
         return text
+
+
+STDLIB = frozenset(sys.stdlib_module_names)
+
+
+def _wrap(opening: str, items: list[str], closing: str, width: int = 100) -> str:
+    """opening + comma-separated items + closing, broken into lines of at most width characters."""
+    one_line = opening + ", ".join(items) + closing
+    if len(one_line) <= width:
+        return one_line
+    lines, line = [], opening
+    for item in items:
+        if len(line) + len(item) + 2 > width and line.strip() != opening.strip():
+            lines.append(line.rstrip())
+            line = " " * len(opening)
+        line += item + ", "
+    lines.append(line.rstrip(", ") + closing)
+    return "\n".join(lines)
+
+
+def _import_group(module: str) -> int:
+    top = module.split(".")[0]
+    if top == "__future__":
+        return 0
+    if top == PACKAGE:
+        return 3
+    return 1 if top in STDLIB else 2
+
+
+def _layout(module: Module) -> tuple[str, str, str]:
+    """Split a module's cells into (docstring, import block, body).
+
+    Every top-level `import`/`from ... import` of every cell moves into one block at the top,
+    de-duplicated and grouped (standard library, third party, llmbook), so a reader sees all of a
+    module's dependencies at once. A comment line marks where each source notebook's code starts.
+    Imports inside functions (lazy imports) stay where they are."""
+    plain: dict[tuple[str, str | None], str] = {}  # (module, alias) -> trailing comment
+    from_names: dict[str, dict[str, None]] = {}  # module -> names (as "name" or "name as alias")
+    comments: dict[str, str] = {}
+    docstring, chunks, current = "", [], None
+    bound: dict[str, str] = {}  # imported name -> where from, to catch two imports of one name
+    for notebook, code in module.cells:
+        lines = code.strip("\n").split("\n")
+        try:
+            tree = ast.parse("\n".join(lines))
+        except SyntaxError:  # reported with the notebook's name by check_rules
+            chunks.append("\n".join(lines))
+            continue
+        drop = set()
+        for index, node in enumerate(tree.body):
+            if (index == 0 and not docstring and not chunks and isinstance(node, ast.Expr)
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                docstring = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                last = lines[node.end_lineno - 1]
+                comment = last[last.index("#"):] if "#" in last and not last.rstrip().endswith(")") else ""
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        plain.setdefault((alias.name, alias.asname), comment)
+                        if alias.asname:
+                            _bind(bound, alias.asname, alias.name, module)
+                        else:  # `import a.b` binds the package a
+                            _bind(bound, alias.name.split(".")[0], alias.name.split(".")[0], module)
+                else:
+                    source = "." * node.level + (node.module or "")
+                    names = from_names.setdefault(source, {})
+                    for alias in node.names:
+                        names[alias.name + (f" as {alias.asname}" if alias.asname else "")] = None
+                        _bind(bound, alias.asname or alias.name, f"{source}.{alias.name}", module)
+                    if comment:
+                        comments.setdefault(source, comment)
+            else:
+                continue
+            drop.update(range(node.lineno - 1, node.end_lineno))
+        kept = "\n".join(line for i, line in enumerate(lines) if i not in drop).strip("\n")
+        kept = re.sub(r"\n{3,}", "\n\n\n", kept)
+        if not kept:
+            continue
+        if notebook != current:
+            kept = f"# --- from {notebook} ---\n\n{kept}"
+            current = notebook
+        chunks.append(kept)
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for (name, asname), comment in plain.items():
+        line = f"import {name}" + (f" as {asname}" if asname else "")
+        groups.setdefault(_import_group(name), []).append((0, f"{line}  {comment}".rstrip() if comment else line,
+                                                           name))
+    for source, names in from_names.items():
+        line = _wrap(f"from {source} import ", sorted(names), "")
+        if "\n" in line:  # too long for one line: parenthesize
+            line = _wrap(f"from {source} import (", sorted(names), ")")
+        if source in comments and "\n" not in line:
+            line = f"{line}  {comments[source]}"
+        groups.setdefault(_import_group(source), []).append((1, line, source))
+    imports = "\n\n".join("\n".join(line for _, line, _ in sorted(groups[g], key=lambda e: (e[0], e[2])))
+                           for g in sorted(groups))
+    body = re.sub(r"\n{4,}", "\n\n\n", "\n\n\n".join(chunks))
+    return docstring, imports, body
+
+
+def _bind(bound: dict[str, str], name: str, origin: str, module: Module) -> None:
+    if bound.setdefault(name, origin) != origin:
+        raise ExportError(f"{PACKAGE}.{module.name} (from {', '.join(module.notebooks)}): the name {name!r} is "
+                          f"imported both from {bound[name]} and from {origin}; import it once.")
+
+
+def _public_names(body: str) -> list[str]:
+    """The names a module defines at top level and means others to use: functions, classes and
+    constants whose names do not start with an underscore (`main` is the command line, not an API)."""
+    try:
+        tree = ast.parse(body)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found = [node.name]
+        elif isinstance(node, ast.Assign):
+            found = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found = [node.target.id]
+        else:
+            continue
+        names += [n for n in found if not n.startswith("_") and n != "main" and n not in names]
+    return names
 
 
 def _defines_main(source: str) -> bool:
@@ -115,7 +248,7 @@ def collect(notebooks: list[Path], root: Path = ROOT) -> dict[str, Module]:
             module = modules.setdefault(name, Module(name, chapter_of(nb_path)))
             if rel not in module.notebooks:
                 module.notebooks.append(rel)
-            module.cells.append(rest)
+            module.cells.append((rel, rest))
     return modules
 
 

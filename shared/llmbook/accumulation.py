@@ -17,6 +17,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmbook.data_parallel import Run, text_tokens
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+__all__ = ["IGNORE_INDEX", "count_tokens", "split_micro_batches", "padded_batches",
+           "NORMALIZATIONS", "token_sum_loss", "global_token_count", "accumulate_gradients",
+           "gradient_sync_control", "CollectiveCounter", "full_tensors", "accumulated_sgd_steps"]
+
+
+# --- from ch04_distributed/03_gradient_accumulation.ipynb ---
 
 IGNORE_INDEX = -100  # a target with this value is padding: no loss, no gradient (F.cross_entropy's default)
 
@@ -234,9 +242,6 @@ def accumulated_sgd_steps(model, steps, lr: float, normalization: str = "global_
         with counting:
             optimizer.step()
     return Run(losses, first_grads, full_tensors(model))
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

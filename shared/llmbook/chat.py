@@ -6,11 +6,30 @@
 fine-tuning with the loss masked to the assistant's tokens, streaming replies, chat checkpoints and
 a terminal chat (`python -m llmbook.chat --checkpoint PATH`)."""
 
+import argparse
+import codecs
+import hashlib
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import nn
 
-from llmbook.model import GPT
+from llmbook.generate import stream_tokens
+from llmbook.model import GPT, GPTConfig
 from llmbook.tokenizer import BPETokenizer
+from llmbook.train import (CheckpointError, TrainConfig, learning_rate, load_checkpoint,
+                           make_optimizer, save_checkpoint)
+
+__all__ = ["ROLES", "CHAT_TOKENS", "END", "add_chat_tokens", "grow_vocabulary", "render",
+           "encode_chat", "TASK_FAMILIES", "SPLIT_SEED", "Example", "make_tasks", "check_answer",
+           "fit_history", "stream_reply", "reply", "evaluate_tasks", "sft_batch",
+           "supervised_finetune", "CHAT_FORMAT", "save_chat_model", "load_chat_model"]
+
+
+# --- from ch05_evaluation/04_chat.ipynb ---
 
 ROLES = ("user", "assistant")
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")  # a turn: <|role|> content <|end|>
@@ -88,10 +107,6 @@ def encode_chat(tokenizer: BPETokenizer, messages, add_generation_prompt: bool =
         mask.append(0)
     return ids, mask
 
-
-import hashlib
-import random
-from dataclasses import dataclass
 
 TASK_FAMILIES = ("repeat", "count", "compare", "larger", "add")
 SPLIT_SEED = 1234  # fixes which words and number pairs are held out, whatever seed draws the examples
@@ -176,11 +191,6 @@ def check_answer(reply: str, answer: str) -> bool:
     return reply.strip() == answer.strip()
 
 
-import codecs
-
-from llmbook.generate import stream_tokens
-
-
 def fit_history(tokenizer: BPETokenizer, messages, context_length: int, reserve: int):
     """The prompt ids for messages plus "<|assistant|>", leaving room for reserve new tokens.
 
@@ -251,9 +261,6 @@ def evaluate_tasks(model: GPT, tokenizer: BPETokenizer, examples, max_new_tokens
     return rates
 
 
-from llmbook.train import TrainConfig, learning_rate, make_optimizer
-
-
 def sft_batch(encoded, pad_id: int, masked: bool = True):
     """Inputs and targets (B, T) for a list of (ids, mask) pairs, right-padded to the longest.
 
@@ -306,12 +313,6 @@ def supervised_finetune(model: GPT, tokenizer: BPETokenizer, examples, cfg: Trai
     return losses
 
 
-import os
-from dataclasses import asdict
-
-from llmbook.model import GPTConfig
-from llmbook.train import CheckpointError, load_checkpoint, save_checkpoint
-
 CHAT_FORMAT = "llmbook-chat-1"
 
 
@@ -345,10 +346,6 @@ def load_chat_model(path, device="cpu"):
     model.load_state_dict(state["model"])
     tokenizer = BPETokenizer(**state["tokenizer"])
     return model.eval(), tokenizer
-
-
-import argparse
-import sys
 
 
 def main(argv=None) -> None:

@@ -10,8 +10,27 @@ C4's line and page rules (Raffel et al., 2020, Sec. 2.2). `clean_corpus` runs th
 and reports, for every rejected document, the first rule that fired and the measured value.
 """
 
+import operator
 import re
+import string
 import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmbook.corpus import Document
+
+__all__ = ["REPLACEMENT_CHARACTER", "decode_utf8", "to_nfc", "remove_control_characters",
+           "normalize_whitespace", "normalize_text", "WORD_PUNCTUATION", "GOPHER_STOP_WORDS",
+           "BULLETS", "ELLIPSES", "split_words", "gopher_quality_statistics",
+           "duplicate_fractions", "ngram_character_fractions", "gopher_repetition_statistics",
+           "C4_END_MARKS", "C4_POLICY_SUBSTRINGS", "C4_CITATION", "LineRule", "C4_LINE_RULES",
+           "apply_line_rules", "count_sentences", "GOPHER", "C4_PAPER", "OURS", "Rule",
+           "format_number", "RULES", "PageView", "STATISTIC_GROUPS", "RawDocument", "Rejection",
+           "first_failing_rule", "CleaningReport", "clean_document", "clean_corpus"]
+
+
+# --- from ch02_data/02_cleaning.ipynb ---
 
 REPLACEMENT_CHARACTER = "\ufffd"
 _ENCODED_REPLACEMENT = REPLACEMENT_CHARACTER.encode("utf-8")
@@ -72,8 +91,6 @@ def normalize_text(text: str) -> str:
     return normalize_whitespace(to_nfc(remove_control_characters(text)))
 
 
-import string
-
 # Characters stripped from the ends of a token to get a word: ASCII punctuation plus typographic
 # quotes, dashes, bullets and the ellipsis character.
 WORD_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026\u2013\u2014\u2022\u00b7"
@@ -106,9 +123,6 @@ def gopher_quality_statistics(text: str) -> dict[str, float]:
                                      / max(1, len(tokens))),
         "stop_word_count": len(GOPHER_STOP_WORDS.intersection(word.lower() for word in words)),
     }
-
-
-from collections import Counter
 
 
 def duplicate_fractions(pieces: list[str], total_chars: int) -> tuple[float, float]:
@@ -174,11 +188,6 @@ def gopher_repetition_statistics(text: str) -> dict[str, float]:
     return stats
 
 
-import re
-from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
-
 C4_END_MARKS = (".", "!", "?", '"', "\u201d")  # period, !, ?, straight or typographic closing quote
 C4_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                         "use of cookies", "use cookies")
@@ -236,9 +245,6 @@ def count_sentences(text: str) -> int:
     version over-counts a little on abbreviations such as "e.g.". """
     return len(_SENTENCE_END.findall(text))
 
-
-import operator
-from dataclasses import dataclass
 
 GOPHER = "Rae et al. 2021, App. A"
 C4_PAPER = "Raffel et al. 2020, 2.2"
@@ -384,12 +390,6 @@ _MEASURE = {"size": _measure_size, "bytes": _measure_bytes, "decoding": _measure
             "c4": _measure_c4}
 # Which group computes which statistic, read off one measurement of a tiny page.
 STATISTIC_GROUPS = {name: group for group, measure in _MEASURE.items() for name in measure(PageView("a"))}
-
-
-from collections import Counter
-from dataclasses import dataclass, field
-
-from llmbook.corpus import Document
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,32 @@ trains from. Built in ch02_data/01_corpus.ipynb."""
 
 import ast
 import functools
+import hashlib
+import http.client
+import json
+import os
+import re
 import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["Document", "offline_corpus", "SourceUnavailableError", "RemoteSource", "SOURCES",
+           "cache_dir", "file_sha256", "download", "fetch_source", "read_local_files",
+           "load_source", "load_corpus", "SHARD_FORMAT", "SHARD_FORMAT_VERSION", "METADATA_FILE",
+           "token_dtype", "write_token_shards", "TokenShards", "read_token_shards",
+           "SlidingWindowDataset", "make_dataloader", "split_tokens", "is_validation_document",
+           "split_documents"]
+
+
+# --- from ch02_data/01_corpus.ipynb ---
 
 @dataclass(frozen=True)
 class Document:
@@ -71,17 +93,6 @@ def offline_corpus() -> tuple[Document, ...]:
     least eight words (source "stdlib_docstrings"). Deterministic for a given Python version; no
     network. Cached per process: the first call parses the standard library (a few seconds)."""
     return tuple(_pydoc_topic_documents() + _stdlib_docstring_documents())
-
-
-import hashlib
-import http.client
-import os
-import re
-import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 
 class SourceUnavailableError(ConnectionError):
@@ -255,11 +266,6 @@ def fetch_source(name: str, cache: str | os.PathLike | None = None) -> Path:
     return download(source.url, source.filename, source.sha256, cache)
 
 
-import json
-import os
-from pathlib import Path
-
-
 _END_OF_TEXT = "<|endoftext|>"
 
 
@@ -379,14 +385,6 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
                          "(set it with load_corpus(name) or the LLMBOOK_CORPUS variable).")
     return tuple(documents[:limit])
 
-
-import hashlib
-import json
-import os
-from collections.abc import Iterable
-from pathlib import Path
-
-import numpy as np
 
 SHARD_FORMAT = "llmbook.token_shards"
 SHARD_FORMAT_VERSION = 1
@@ -614,13 +612,6 @@ def read_token_shards(directory: str | os.PathLike, *, verify: bool = False) -> 
                              "its contents changed. Rewrite the shards.")
         arrays.append(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r"))
     return TokenShards(folder, metadata, arrays)
-
-
-import hashlib
-
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 
 class SlidingWindowDataset(Dataset):

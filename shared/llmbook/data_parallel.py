@@ -11,8 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 from llmbook.model import GPT, GPTConfig
 
+__all__ = ["tiny_config", "build_model", "text_tokens", "global_batches", "shard", "lm_loss",
+           "Run", "sgd_steps", "max_abs_diff", "single_process_run", "CommCounter",
+           "broadcast_parameters", "allreduce_gradients", "counting_allreduce_hook"]
+
+
+# --- from ch04_distributed/01_launching_and_data_parallel.ipynb ---
 
 def tiny_config(**overrides) -> GPTConfig:
     """The chapter's test model: a 2-layer GPT on bytes, small enough for 8 CPU processes.
@@ -154,9 +161,6 @@ def counting_allreduce_hook(counter: CommCounter, bucket):
     tensor.div_(dist.get_world_size())
     work = dist.all_reduce(tensor, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

@@ -20,6 +20,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = ["normalize_text", "text_fingerprint", "exact_duplicates", "deduplicate_exact",
+           "remove_repeated_lines", "shingles", "jaccard", "MINHASH_PRIME",
+           "EMPTY_SIGNATURE_VALUE", "shingle_hashes", "minhash_signatures", "minhash_jaccard",
+           "lsh_candidate_probability", "lsh_buckets", "lsh_candidate_pairs",
+           "union_find_clusters", "MinHashDeduplicator", "suffix_array", "lcp_array",
+           "find_repeated_substrings", "remove_repeated_substrings"]
+
+
+# --- from ch02_data/03_deduplication.ipynb ---
 
 def _check_docs(docs) -> list[str]:
     """Return `docs` as a list of strings, or raise a ValueError that says how to fix the call."""

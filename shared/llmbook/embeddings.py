@@ -11,9 +11,15 @@ dL/dW = X^T dL/dY (a scatter-add into the rows of the ids used). Real models cal
 matrix. `embedding_parameter_count` counts what the embedding and the output head cost.
 """
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
+__all__ = ["one_hot_embedding", "embedding_parameter_count"]
+
+
+# --- from ch01_foundations/02_embeddings.ipynb ---
 
 def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Embed token ids by multiplying their one-hot encodings with the embedding matrix.
@@ -54,9 +60,6 @@ def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     one_hot = F.one_hot(ids.long(), num_classes=vocab_size).to(weight.dtype)  # (*, V)
     return one_hot @ weight                                                     # (*, V) @ (V, d) -> (*, d)
-
-
-import numbers
 
 
 def embedding_parameter_count(vocab_size: int, d_model: int, tied: bool = True) -> int:

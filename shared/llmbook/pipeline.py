@@ -54,7 +54,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+
+__all__ = ["stage_blocks", "split_stage", "bubble_fraction", "schedule_order", "simulate_schedule",
+           "in_flight_peak", "busy_seconds", "SCHEDULES", "microbatch_loss", "TimedStage",
+           "Pipeline", "make_pipeline", "pipeline_sgd_steps", "compare_with_reference",
+           "time_steps"]
+
+
+# --- from ch04_distributed/04_pipeline_parallel.ipynb ---
 
 def stage_blocks(n_layer: int, stage: int, n_stages: int) -> range:
     """The indices of the blocks that pipeline stage `stage` (0-based) of `n_stages` holds."""
@@ -183,8 +193,6 @@ def busy_seconds(events) -> float:
     """Time this rank spent computing (forward, loss, backward) during a step."""
     return sum(end - start for _, _, start, end in events)
 
-
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -336,9 +344,6 @@ def time_steps(pipe: Pipeline, inputs, targets, repeats: int) -> list:
             events = [(kind, mb, t0 - start, t1 - start) for kind, mb, t0, t1 in pipe.events]
             records.append({"busy": busy_seconds(pipe.events), "end": end, "events": events})
     return records
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

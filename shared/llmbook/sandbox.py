@@ -13,6 +13,24 @@ a wall-clock timeout that kills the whole process group. A pass is believed only
 runner reports it with a per-run secret token AND exits with status 0.
 """
 
+import functools
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["RUNNER_SOURCE", "UNSHARE_FLAGS", "NOBODY_UID", "SandboxUnavailableError", "Outcome",
+           "namespaces_available", "SIGNAL_HINTS", "run_untrusted", "isolation_report"]
+
+
+# --- from ch05_evaluation/03_humaneval.ipynb ---
+
 # The runner: a fixed script the harness writes next to the program and starts with
 # `python -I -S runner.py <result fd> <config json>`. It cannot import llmbook (isolated mode, no
 # site-packages), so it is plain standard library. Protocol on the result fd, one line each:
@@ -240,18 +258,6 @@ if __name__ == "__main__":
     main()
 '''
 
-
-import functools
-import json
-import os
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
 
 UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child")
 NOBODY_UID = 65534

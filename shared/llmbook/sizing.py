@@ -16,6 +16,22 @@ and DTensor tensor parallelism.
 import math
 from dataclasses import dataclass
 
+import torch
+
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.pipeline import stage_blocks  # which blocks a stage holds, as the pipeline job splits them
+
+__all__ = ["GiB", "GB", "STEP_COUNTER_BYTES", "Precision", "FP32", "BF16", "Layout", "llama_like",
+           "LLAMA_SHAPES", "llama_config", "parameter_shapes", "COLUMN_PARALLEL", "ROW_PARALLEL",
+           "tensor_parallel_shape", "shard_rows", "fsdp_shard_numel", "stage_parameters",
+           "block_activation_bytes_parallel", "korthikanti_parallel_layer_bytes",
+           "in_flight_micro_batches", "MemoryEstimate", "estimate_memory", "GPU", "GPUS",
+           "HEADROOM_FRACTION", "HEADROOM_FIXED", "usable_bytes", "candidate_layouts", "min_gpus",
+           "measure_state_bytes", "saved_local_bytes", "measure_activation_bytes"]
+
+
+# --- from ch04_distributed/06_memory_calculator.ipynb ---
+
 GiB = 2**30
 GB = 10**9
 STEP_COUNTER_BYTES = 4  # torch.optim.AdamW keeps its step count as a float32 scalar per tensor
@@ -199,9 +215,6 @@ def fsdp_shard_numel(shape: tuple, world: int, rank: int, padded: bool = False) 
     """Elements of rank `rank`'s FSDP2 shard of a parameter of `shape` (dim 0 cut over `world`)."""
     rest = math.prod(shape[1:])
     return shard_rows(shape[0], world, rank, padded) * rest
-
-
-from llmbook.pipeline import stage_blocks  # which blocks a stage holds, as the pipeline job splits them
 
 
 def stage_parameters(config, stage: int, pipeline: int) -> dict:
@@ -503,9 +516,6 @@ def min_gpus(config, gpu: GPU, *, max_gpus: int = 1024, **workload):
     return None
 
 
-import torch
-
-
 def _local(tensor):
     """A DTensor's local shard (what this rank stores), a plain tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -576,9 +586,6 @@ def measure_activation_bytes(model, inputs, targets) -> int:
     for unit in fsdp_units:
         unit.reshard()
     return saved
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

@@ -8,13 +8,26 @@ functions, f and g, and a function that shards a GPT in place), then with PyTorc
 (`tensor_parallel_plan`, `apply_dtensor_parallel`). `main()` is the torchrun job of
 ch04_distributed/02_tensor_parallel.ipynb: it checks both against one process on the same batch."""
 
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
-from llmbook.model import MLP, CausalSelfAttention
+from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.model import CausalSelfAttention, MLP
 
+__all__ = ["check_tensor_parallel_size", "sublayer_linears", "split_linear", "shard_sublayer_",
+           "CopyToTensorParallel", "ReduceFromTensorParallel", "copy_to_tensor_parallel",
+           "reduce_from_tensor_parallel", "TensorParallelSublayer", "shard_gpt_", "gather_full",
+           "tensor_parallel_comm_per_step", "by_hand_run", "tensor_parallel_plan",
+           "apply_dtensor_parallel", "full_tensors", "local_nbytes", "sequence_parallel_plan",
+           "apply_sequence_parallel", "dtensor_run", "memory_per_rank"]
+
+
+# --- from ch04_distributed/02_tensor_parallel.ipynb ---
 
 def check_tensor_parallel_size(config, world_size: int) -> None:
     """Raise ValueError unless `config`'s query heads, key/value heads and MLP width split evenly
@@ -239,10 +252,6 @@ def by_hand_run(config, batches, lr: float, rank: int, world_size: int, device="
                        gather_full(run.final_params, layout)), comm
 
 
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-
 def tensor_parallel_plan(model) -> dict:
     """parallelize_module's plan for a GPT of llmbook.model: for every block present, the
     attention's q/k/v and the MLP's fc (or gate/up) ColwiseParallel, the attention's out_proj and
@@ -290,10 +299,6 @@ def local_nbytes(tensors) -> int:
         local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
-
-
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
 
 
 def sequence_parallel_plan(model, vocab_parallel_head: bool = False) -> dict:
@@ -394,9 +399,6 @@ def memory_per_rank(model, inputs, targets) -> dict:
     moments = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
     return {"parameters": local_nbytes(params), "gradients": local_nbytes(p.grad for p in params),
             "optimizer": local_nbytes(moments), "activations": activations}
-
-
-from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 
 def _job(worker, args) -> dict:

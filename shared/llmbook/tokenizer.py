@@ -6,7 +6,26 @@
 incremental pair counts, a cached merge-by-rank encoder, special tokens, and a one-file format.
 Given the same mergeable ranks and pattern, its ids equal tiktoken's."""
 
+import base64
+import hashlib
+import heapq
+import json
+import operator
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from pathlib import Path
+
 import regex  # the third-party `regex` module: \p{L}, \p{N} and possessive quantifiers
+
+__all__ = ["GPT2_PATTERN", "CL100K_PATTERN", "ENDOFTEXT", "split_pretokens", "count_pretokens",
+           "learn_merges", "bpe_encode_piece", "FILE_FORMAT", "FILE_VERSION", "TokenizerFileError",
+           "BPETokenizer"]
+
+
+# --- from ch02_data/04_tokenizer.ipynb ---
 
 # GPT-2's split rule (Radford et al., 2019): contractions, words with one optional leading
 # space, runs of digits, runs of punctuation, and whitespace that leaves the last space to the
@@ -25,13 +44,6 @@ ENDOFTEXT = "<|endoftext|>"
 def split_pretokens(text: str, pattern: str = CL100K_PATTERN) -> list[str]:
     """Cut `text` into the pieces BPE works on; merges never cross a piece boundary."""
     return regex.findall(pattern, text)
-
-
-import re
-from collections import Counter
-from collections.abc import Iterable
-
-import regex
 
 
 def count_pretokens(texts: "str | Iterable[str]", pattern: str = CL100K_PATTERN,
@@ -62,11 +74,6 @@ def _without_surrogates(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-import heapq
-from collections import defaultdict
-from collections.abc import Mapping
 
 
 def learn_merges(word_counts: Mapping[bytes, int],
@@ -147,8 +154,6 @@ def learn_merges(word_counts: Mapping[bytes, int],
     return merges, vocab
 
 
-from collections.abc import Mapping
-
 _NO_RANK = 1 << 62  # larger than every rank: "this pair is not a token"
 
 
@@ -176,18 +181,6 @@ def bpe_encode_piece(piece: bytes, ranks: Mapping[bytes, int]) -> list[int]:
             pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], _NO_RANK)
     return [ranks[part] for part in parts]
 
-
-import base64
-import hashlib
-import json
-import operator
-import os
-import re
-from collections.abc import Iterable, Mapping
-from itertools import chain
-from pathlib import Path
-
-import regex
 
 FILE_FORMAT = "llmbook-bpe-tokenizer"
 FILE_VERSION = 1

@@ -19,6 +19,14 @@ from tqdm import tqdm
 
 from llmbook.model import GPT, GPTConfig
 
+__all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "autocast_dtype",
+           "random_batch", "evenly_spaced_batches", "evaluate", "CheckpointError",
+           "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint", "train", "Preset", "PRESETS",
+           "preset_key", "tokenize_documents", "Pretrained", "preset_and_folder", "pretrain",
+           "load_pretrained"]
+
+
+# --- from ch03_model/04_pretraining.ipynb ---
 
 @dataclass
 class TrainConfig:
