@@ -171,3 +171,18 @@ def test_the_package_docstring_maps_every_module_to_its_notebook_and_command():
         assert all(Path(nb).stem in row for nb in notebooks), f"{path.stem}'s row does not name {notebooks}"
         has_main = "\ndef main(" in path.read_text()
         assert (f"-m llmbook.{path.stem}" in row) == has_main, row
+
+
+def test_package_conventions():
+    import torch
+    from llmbook import LLMBookError, eval_mode, positive_int
+    assert positive_int(3, "n") == 3
+    for bad, error in [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)]:
+        with pytest.raises(error, match="n.* must be a positive integer"):
+            positive_int(bad, "n")
+    model = torch.nn.Dropout(0.5).train()
+    with pytest.raises(KeyError), eval_mode(model):
+        assert not model.training
+        raise KeyError("the block fails")
+    assert model.training
+    assert issubclass(LLMBookError, Exception)
