@@ -7,7 +7,7 @@ import torch
 
 from llmbook.accumulation import (IGNORE_INDEX, accumulate_gradients, count_tokens,
                                   gradient_sync_control, padded_batches, split_micro_batches)
-from llmbook.data_parallel import build_model, global_batches, lm_loss, max_abs_diff, shard, tiny_config
+from llmbook.data_parallel import build_model, global_batches, max_abs_diff, shard, tiny_config
 from llmbook.launch import load_result, torchrun
 
 CONFIG = tiny_config()
@@ -20,7 +20,7 @@ def _grads(model):
 
 def _big_batch_grads(batch):
     model = build_model(CONFIG, seed=0)
-    lm_loss(model, *batch).backward()
+    model(*batch).backward()
     return _grads(model)
 
 
@@ -42,7 +42,7 @@ def test_global_tokens_exact_and_naive_wrong_on_padded_micro_batches():
     (batch,) = padded_batches(1, 8, CONFIG.context_length, seed=3)
     micro_tokens = [count_tokens(t) for _, t in split_micro_batches(batch, K)]
     assert len(set(micro_tokens)) > 1  # uneven micro-batches, or the test proves nothing
-    reference = _big_batch_grads(batch)  # lm_loss: mean over the valid tokens of the whole batch
+    reference = _big_batch_grads(batch)  # the model's loss: mean over the valid tokens of the whole batch
     assert max_abs_diff(_accumulated_grads(batch, "global_tokens"), reference) < 1e-6
     assert max_abs_diff(_accumulated_grads(batch, "mean"), reference) > 1e-2  # the bug exists
 

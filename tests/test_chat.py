@@ -81,7 +81,7 @@ def test_masked_loss_is_cross_entropy_over_assistant_tokens(tokenizer):
     encoded = [encode_chat(tokenizer, c) for c in conversations]
     inputs, targets = sft_batch(encoded, pad_id=261)
     with torch.no_grad():
-        loss = model.loss(inputs, targets)
+        loss = model(inputs, targets)
         logits = model(inputs)
     positions, wanted = [], []
     for row, (ids, mask) in enumerate(encoded):

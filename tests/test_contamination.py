@@ -21,9 +21,9 @@ def test_normalisation_ignores_case_punctuation_and_layout():
     assert word_ngrams("only three words", 4) == set()
 
 
-@pytest.mark.parametrize("n", [0, -1, 2.0])
-def test_bad_n_is_rejected(n):
-    with pytest.raises(ValueError, match="positive int"):
+@pytest.mark.parametrize("n, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError)])
+def test_bad_n_is_rejected(n, error):
+    with pytest.raises(error, match="positive int"):
         word_ngrams("some text", n)
 
 

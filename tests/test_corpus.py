@@ -1,8 +1,7 @@
 """llmbook.corpus: the offline corpus, local and remote loading (file:// URLs stand in for the
-network), token shards in both dtypes with their validation errors, the splits, and the
-sliding-window dataset against a direct slice of the stream."""
+network; the download itself is tested in test_files.py), token shards in both dtypes with their
+validation errors, the splits, and the sliding-window dataset against a direct slice of the stream."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -10,10 +9,11 @@ import pytest
 import torch
 
 from llmbook import corpus
-from llmbook.corpus import (Document, RemoteSource, SlidingWindowDataset, SourceUnavailableError,
-                            TokenShards, download, fetch_source, load_corpus, load_source,
-                            make_dataloader, offline_corpus, read_local_files, read_token_shards,
-                            split_documents, split_tokens, token_dtype, write_token_shards)
+from llmbook.corpus import (Document, RemoteSource, SlidingWindowDataset, TokenShards, fetch_source,
+                            load_corpus, load_source, make_dataloader, offline_corpus, read_local_files,
+                            read_token_shards, split_documents, split_tokens, token_dtype,
+                            write_token_shards)
+from llmbook.files import FileFormatError, file_sha256
 
 
 # ----------------------------------------------------------------------------- offline corpus
@@ -78,79 +78,7 @@ def test_local_folder_errors(tmp_path):
         read_local_files(tmp_path / "missing")
 
 
-# ----------------------------------------------------------------------------- downloads
-
-@pytest.fixture
-def served(tmp_path):
-    """A 'remote' file reachable through a file:// URL, and an empty cache folder."""
-    remote = tmp_path / "server" / "data.txt"
-    remote.parent.mkdir()
-    remote.write_bytes(b"line one\nline two\n")
-    return remote, hashlib.sha256(remote.read_bytes()).hexdigest(), tmp_path / "cache"
-
-
-def test_download_verifies_and_caches(served, monkeypatch):
-    remote, digest, cache = served
-    path = download(remote.as_uri(), "data.txt", digest, cache)
-    assert path == cache / "data.txt" and path.read_bytes() == remote.read_bytes()
-    assert sorted(p.name for p in cache.iterdir()) == ["data.txt"]  # no temporary file left
-
-    opened = []
-    real_urlopen = corpus.urllib.request.urlopen
-    monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda *a, **k: opened.append(a) or real_urlopen(*a, **k))
-    remote.unlink()  # the second call must not need the URL at all
-    assert download(remote.as_uri(), "data.txt", digest, cache) == path
-    assert opened == []
-
-
-def test_download_uses_llmbook_cache_env(served, monkeypatch):
-    remote, digest, cache = served
-    monkeypatch.setenv("LLMBOOK_CACHE", str(cache / "from_env"))
-    assert corpus.cache_dir() == cache / "from_env"
-    assert download(remote.as_uri(), "data.txt", digest) == cache / "from_env" / "data.txt"
-
-
-def test_download_checksum_mismatch_keeps_nothing(served):
-    remote, digest, cache = served
-    with pytest.raises(ValueError, match="has sha256 .* expected 0{64}.*not kept"):
-        download(remote.as_uri(), "data.txt", "0" * 64, cache)
-    assert not (cache / "data.txt").exists()
-    assert list(cache.iterdir()) == []
-
-
-def test_cached_file_with_wrong_digest_is_reported(served):
-    remote, digest, cache = served
-    cache.mkdir()
-    (cache / "data.txt").write_bytes(b"placed by hand, but wrong\n")
-    with pytest.raises(ValueError, match="cached file .* delete it"):
-        download(remote.as_uri(), "data.txt", digest, cache)
-
-
-def test_unpinned_download_prints_digest(served, capsys):
-    remote, digest, cache = served
-    download(remote.as_uri(), "data.txt", None, cache)
-    assert digest in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("url", ["file:///definitely/not/here.txt", "http://127.0.0.1:9/corpus.txt"])
-def test_unreachable_source_says_how_to_go_offline(tmp_path, url):
-    with pytest.raises(SourceUnavailableError, match="needs the network") as error:
-        download(url, "corpus.txt", None, tmp_path / "cache", timeout=5)
-    message = str(error.value)
-    assert "load_corpus('offline')" in message and "place it by hand" in message
-    assert not (tmp_path / "cache" / "corpus.txt").exists()
-    assert not any((tmp_path / "cache").iterdir())
-
-
-def test_download_rejects_bad_arguments(served):
-    remote, digest, cache = served
-    with pytest.raises(ValueError, match="SHA-256 hex digest"):
-        download(remote.as_uri(), "data.txt", "abc", cache)
-    with pytest.raises(ValueError, match="plain file name"):
-        download(remote.as_uri(), "../escape.txt", digest, cache)
-    with pytest.raises(ValueError, match="cannot be opened by urllib"):
-        download("nonsense-url", "x.txt", None, cache)
-
+# ----------------------------------------------------------------------------- remote sources
 
 def test_registry_pins_urls_and_digests():
     for source in corpus.SOURCES.values():
@@ -164,7 +92,7 @@ def test_registry_pins_urls_and_digests():
 def test_eot_separated_source_through_file_url(tmp_path):
     remote = tmp_path / "stories.txt"
     remote.write_text("One.\n<|endoftext|>\nTwo.\n<|endoftext|>\n\n<|endoftext|>\nThree.", encoding="utf-8")
-    source = RemoteSource("mini", remote.as_uri(), corpus.file_sha256(remote), "mini.txt",
+    source = RemoteSource("mini", remote.as_uri(), file_sha256(remote), "mini.txt",
                           "eot_separated", None, "test")
     documents = load_source(source, tmp_path / "cache")
     assert [d.text for d in documents] == ["One.", "Two.", "Three."]
@@ -188,8 +116,11 @@ def test_parquet_source_without_pyarrow_fails_before_downloading(tmp_path):
 def test_token_dtype_boundaries():
     assert token_dtype(257) == np.uint16 and token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32 and token_dtype(100_277) == np.uint32
-    for bad in (0, -1, 2**32 + 1, 3.0, True):
+    for bad in (0, -1, 2**32 + 1):
         with pytest.raises(ValueError):
+            token_dtype(bad)
+    for bad in (3.0, True):
+        with pytest.raises(TypeError):
             token_dtype(bad)
 
 
@@ -271,8 +202,11 @@ def test_read_shards_detects_inconsistent_metadata(shard_dir):
     _edit_metadata(shard_dir, dtype="uint16", total_tokens=5)
     with pytest.raises(ValueError, match="do not add up"):
         read_token_shards(shard_dir)
+    _edit_metadata(shard_dir, version=2)
+    with pytest.raises(FileFormatError, match="version 2 is not supported"):
+        read_token_shards(shard_dir)
     _edit_metadata(shard_dir, format="something-else")
-    with pytest.raises(ValueError, match="not llmbook token-shard metadata"):
+    with pytest.raises(FileFormatError, match="not llmbook token-shard metadata"):
         read_token_shards(shard_dir)
     (shard_dir / "metadata.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -80,7 +80,7 @@ def test_float_ids_raise():
 def test_bool_ids_and_non_tensor_ids_raise():
     with pytest.raises(ValueError, match="integer tensor"):
         one_hot_embedding(torch.tensor([True, False]), torch.zeros(6, 3))
-    with pytest.raises(ValueError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match="torch.Tensor"):
         one_hot_embedding([1, 2], torch.zeros(6, 3))
 
 
@@ -97,7 +97,8 @@ def test_embedding_parameter_count_gpt2_small():
     assert embedding_parameter_count(50257, 768, tied=False) == 2 * 50257 * 768
 
 
-@pytest.mark.parametrize("vocab_size, d_model", [(0, 768), (50257, -1), (50257.0, 768), (True, 768)])
-def test_embedding_parameter_count_rejects_bad_sizes(vocab_size, d_model):
-    with pytest.raises(ValueError, match="positive integer"):
+@pytest.mark.parametrize("vocab_size, d_model, error", [(0, 768, ValueError), (50257, -1, ValueError),
+                                                        (50257.0, 768, TypeError), (True, 768, TypeError)])
+def test_embedding_parameter_count_rejects_bad_sizes(vocab_size, d_model, error):
+    with pytest.raises(error, match="positive integer"):
         embedding_parameter_count(vocab_size, d_model)

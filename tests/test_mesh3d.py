@@ -52,7 +52,7 @@ def test_what_each_rank_holds(job):
         full, local, _ = r["shards"][f"blocks.{pp}.attn.out_proj.weight"]
         assert full == [64, 64] and local == [64 // n_dp, 64 // n_tp]  # columns over tp, rows over dp
         memory = r["memory"]
-        assert memory["grads"] == memory["params"] and memory["optimizer"] == 2 * memory["params"]
+        assert memory["gradients"] == memory["weights"] and memory["optimizer"] == 2 * memory["weights"]
 
 
 
@@ -71,7 +71,7 @@ def test_ranks_hold_one_copy_plus_what_tp_replicates(job):
     whole = sum(p.numel() for name, p in model.named_parameters() if name not in split)
     assert 0 < whole < job["n_params"]
     tp = SHAPE[2]
-    assert sum(r["memory"]["params"] for r in job["ranks"]) == 4 * (job["n_params"] + (tp - 1) * whole)
+    assert sum(r["memory"]["weights"] for r in job["ranks"]) == 4 * (job["n_params"] + (tp - 1) * whole)
 
 
 # ---- the layout, in-process ---------------------------------------------------------------------
@@ -92,7 +92,8 @@ def test_groups_partition_the_ranks():
     assert [69, 77, 85, 93] in groups["dp"] and [13, 45, 77, 109] in groups["pp"]
 
 
-@pytest.mark.parametrize("args", [(8, 2, 2, 2), (-1, 2, 2, 2), (0, 0, 2, 2), (0, 2, 1.5, 2)])
-def test_bad_layout_is_refused(args):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("args, error", [((8, 2, 2, 2), ValueError), ((-1, 2, 2, 2), ValueError),
+                                         ((0, 0, 2, 2), ValueError), ((0, 2, 1.5, 2), TypeError)])
+def test_bad_layout_is_refused(args, error):
+    with pytest.raises(error):
         mesh_coordinates(*args)

@@ -41,11 +41,16 @@ def test_bits_per_byte_hand_values():
 
 @pytest.mark.parametrize("call", [
     lambda: perplexity(-0.1), lambda: perplexity(float("nan")), lambda: perplexity(float("inf")),
-    lambda: bits_per_byte(1.0, 0), lambda: bits_per_byte(-1.0, 3), lambda: bits_per_byte(1.0, 2.5),
+    lambda: bits_per_byte(1.0, 0), lambda: bits_per_byte(-1.0, 3),
 ])
 def test_arithmetic_errors(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_a_fractional_byte_count_is_a_type_error():
+    with pytest.raises(TypeError, match="n_bytes"):
+        bits_per_byte(1.0, 2.5)
 
 
 def test_token_nll_matches_manual_cross_entropy():
@@ -74,7 +79,7 @@ def test_stride_equal_context_is_chunked_evaluation():
     n_chunks, context = 5, 16
     ids = torch.randint(0, 50, (n_chunks * context + 1,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        direct = model.loss(ids[:-1].view(n_chunks, context), ids[1:].view(n_chunks, context), reduction="sum")
+        direct = model(ids[:-1].view(n_chunks, context), ids[1:].view(n_chunks, context), reduction="sum")
     for batch_size in (1, 2, 32):
         total, count = sliding_window_nll(model, ids, context, context, batch_size=batch_size)
         assert count == n_chunks * context

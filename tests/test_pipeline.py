@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llmbook.data_parallel import build_model, global_batches, lm_loss, max_abs_diff, tiny_config
+from llmbook.data_parallel import build_model, global_batches, max_abs_diff, tiny_config
 from llmbook.launch import load_result, torchrun
 from llmbook.pipeline import (bubble_fraction, busy_seconds, in_flight_peak, make_pipeline, schedule_order,
                               simulate_schedule, split_stage, stage_blocks)
@@ -135,7 +135,7 @@ def test_one_process_pipeline_scales_the_loss():
     config = tiny_config(n_layer=2)
     (inputs, targets), = global_batches(1, 8, config.context_length)
     reference = build_model(config, seed=0)
-    lm_loss(reference, inputs, targets).backward()
+    reference(inputs, targets).backward()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         stage = split_stage(build_model(config, seed=0), 0, 1)
@@ -143,7 +143,7 @@ def test_one_process_pipeline_scales_the_loss():
         loss = pipe.step(inputs, targets)
         assert max_abs_diff({n: p.grad for n, p in stage.named_parameters()},
                             {n: p.grad for n, p in reference.named_parameters()}) < 1e-6
-        assert abs(loss.item() - lm_loss(reference, inputs, targets).item()) < 1e-5
+        assert abs(loss.item() - reference(inputs, targets).item()) < 1e-5
         assert [f"{k}{mb}" for k, mb, *_ in pipe.events if k != "L"] == schedule_order("1f1b", 1, 4)[0]
         with pytest.raises(ValueError, match="equal micro-batches"):
             pipe.step(inputs[:6], targets[:6])

@@ -3,6 +3,7 @@ ZeRO numbers, Chapter 3's formulas, activations measured on a simulated tensor-p
 the bytes each rank holds in a real 2-process DDP / FSDP2 job."""
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 from llmbook.data_parallel import tiny_config
 from llmbook.launch import load_result, torchrun
-from llmbook.memory import activation_memory, block_activation_bytes, korthikanti_layer_bytes, measure_saved_tensors
+from llmbook.memory import (MemoryBreakdown, activation_memory, block_activation_bytes, korthikanti_layer_bytes,
+                            measure_saved_tensors, training_state_bytes)
 from llmbook.model import GPT, Block, GPTConfig, parameter_count
 from llmbook.sizing import (BF16, FP32, GPUS, GiB, LLAMA_SHAPES, STEP_COUNTER_BYTES, Layout, Precision,
                             block_activation_bytes_parallel, estimate_memory, fsdp_shard_numel,
@@ -136,6 +138,7 @@ def test_uneven_zero3_shards_follow_fsdp():
 @pytest.mark.parametrize("overrides", [{}, LLAMA_TINY, dict(dropout=0.1), dict(attention="naive")])
 def test_one_gpu_equals_chapter_3(overrides):
     config = tiny_config(**overrides)
+    state = training_state_bytes(parameter_count(config))
     for precision in (FP32, AUTOCAST):
         for checkpoint in (False, True):
             e = estimate_memory(config, Layout(), micro_batch_size=2, seq_len=32, precision=precision,
@@ -144,6 +147,10 @@ def test_one_gpu_equals_chapter_3(overrides):
             assert e.activations == a.total and e.transient == a.recompute
             assert e.weights == e.gradients == 4 * parameter_count(config)
             assert e.optimizer == 8 * parameter_count(config) + 4 * len(parameter_shapes(config))
+            # the estimate is Chapter 3's MemoryBreakdown plus transient buffers (and step counters)
+            assert isinstance(e, MemoryBreakdown)
+            assert e.total == state.total + 4 * len(parameter_shapes(config)) + a.total + a.recompute
+            assert e.model_states == e.weights + e.gradients + e.optimizer
 
 
 def test_more_sharding_never_costs_more():
@@ -241,6 +248,12 @@ def test_bad_input_raises_clear_errors():
         Layout(zero=4)
     with pytest.raises(ValueError, match="positive integer"):
         Layout(data=0)
+    with pytest.raises(TypeError, match="Layout.tensor"):
+        Layout(tensor=2.0)
+    with pytest.raises(TypeError, match="micro_batch_size"):
+        estimate_memory(tiny_config(), micro_batch_size=1.5)
+    with pytest.raises(ValueError, match="micro_batches"):
+        in_flight_micro_batches(0, 2, micro_batches=0)
     with pytest.raises(ValueError, match="needs tensor > 1"):
         Layout(sequence_parallel=True)
     with pytest.raises(ValueError, match="n_kv_head=4 is not divisible"):
@@ -278,8 +291,12 @@ def test_measured_bytes_equal_predicted_per_rank(measured, run):
         assert rank_result[run]["rows"] == rows
         predicted = estimate_memory(config, layout, micro_batch_size=rows, seq_len=config.context_length,
                                     precision=FP32, data_rank=rank_result["rank"] if layout.data > 1 else 0)
-        for part in ("weights", "gradients", "optimizer", "activations"):
-            assert got[part] == getattr(predicted, part), (run, rank_result["rank"], part)
+        # measured and predicted are the same dataclass's fields: the job wrote exactly a MemoryBreakdown
+        assert isinstance(predicted, MemoryBreakdown) and set(got) == {f.name for f in fields(MemoryBreakdown)}
+        measured_breakdown = MemoryBreakdown(**got)
+        for part in fields(MemoryBreakdown):
+            assert getattr(measured_breakdown, part.name) == getattr(predicted, part.name), (run, rank_result["rank"], part)
+        assert measured_breakdown.total == predicted.total - predicted.transient
     # sanity: the runs really differ (a job that measured nothing sharded could not pass all of these)
     if layout.zero == 3 or layout.tensor > 1:
         assert got["weights"] < 4 * parameter_count(config)
@@ -290,9 +307,9 @@ def test_measured_fsdp_padding_and_ddp_buckets(measured):
     uneven0, uneven1 = rank0["FSDP, vocab 257"], rank1["FSDP, vocab 257"]
     assert uneven0["measured"]["weights"] - uneven1["measured"]["weights"] == 2 * 64 * 4
     for r in (uneven0, uneven1):  # every rank allocates ceil(257 / 2) rows; Adam's moments are unpadded
-        assert r["measured"]["weights_stored"] == r["padded_weights"] == r["measured"]["gradients_stored"]
-        assert r["measured"]["optimizer_stored"] == r["measured"]["optimizer"]
+        assert r["stored"]["weights"] == r["padded_weights"] == r["stored"]["gradients"]
+        assert r["stored"]["optimizer"] == r["measured"]["optimizer"]
     for r in (rank0, rank1):
-        plain, views = r["DDP"]["measured"], r["DDP, bucket views"]["measured"]
-        assert plain["ddp_bucket_bytes"] == plain["gradients"]  # a second, flat copy of the gradients
-        assert views["gradients_stored"] == views["ddp_bucket_bytes"] == views["gradients"]
+        plain, views = r["DDP"], r["DDP, bucket views"]
+        assert plain["ddp_bucket_bytes"] == plain["measured"]["gradients"]  # a second, flat copy of the gradients
+        assert views["stored"]["gradients"] == views["ddp_bucket_bytes"] == views["measured"]["gradients"]

@@ -11,6 +11,7 @@ from torch import nn
 
 from llmbook import data_parallel as dp
 from llmbook.launch import load_result, torchrun
+from llmbook.memory import MemoryBreakdown
 from llmbook.model import MLP, CausalSelfAttention
 from llmbook.tensor_parallel import (TensorParallelSublayer, apply_dtensor_parallel,
                                      check_tensor_parallel_size, local_nbytes, sequence_parallel_plan,
@@ -95,14 +96,15 @@ def test_memory_per_rank(job):
     n_local = sum(p.numel() for p in model.parameters())
     assert set(layout) == {name for name, _ in model.named_parameters()}
     for r in job["ranks"]:
-        memory = r["memory"]
-        assert memory["one process"]["parameters"] == memory["DDP"]["parameters"] == 4 * n_full
+        memory = {name: MemoryBreakdown(**m) for name, m in r["memory"].items()}  # the job wrote its fields
+        assert memory["one process"].weights == memory["DDP"].weights == 4 * n_full
         for name in ("TP by hand", "TP DTensor"):
-            assert memory[name]["parameters"] == memory[name]["gradients"] == 4 * n_local
-            assert memory[name]["optimizer"] == 8 * n_local
-        assert memory["TP DTensor"]["activations"] is None
+            assert memory[name].weights == memory[name].gradients == 4 * n_local
+            assert memory[name].optimizer == 8 * n_local
+        assert memory["TP DTensor"].activations is None
         # DDP halves the rows; TP keeps all rows but splits the inside of every sublayer
-        assert memory["DDP"]["activations"] < memory["TP by hand"]["activations"] < memory["one process"]["activations"]
+        assert memory["DDP"].activations < memory["TP by hand"].activations < memory["one process"].activations
+        assert memory["one process"].total == 16 * n_full + memory["one process"].activations
 
 
 # In-process tests: no process group needed.
@@ -195,6 +197,10 @@ def test_check_tensor_parallel_size():
         check_tensor_parallel_size(dp.tiny_config(dropout=0.1), 2)
     with pytest.raises(ValueError, match="positive integer"):
         check_tensor_parallel_size(dp.tiny_config(), 0)
+    with pytest.raises(TypeError, match="world_size"):
+        check_tensor_parallel_size(dp.tiny_config(), 2.0)
+    with pytest.raises(TypeError, match="CausalSelfAttention or an MLP"):
+        sublayer_linears(nn.Linear(2, 2))
 
 
 def test_local_nbytes():

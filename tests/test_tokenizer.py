@@ -225,9 +225,9 @@ def test_training_stops_early_on_tiny_text_and_checks_sizes():
     assert tiny.decode(tiny.encode("abab abba")) == "abab abba"
     with pytest.raises(ValueError, match="vocab_size"):
         BPETokenizer.train("text", 256)  # no room for the special token
-    with pytest.raises(ValueError, match="list of strings"):
+    with pytest.raises(TypeError, match="list of strings"):
         BPETokenizer.train("text", 300, special_tokens=ENDOFTEXT)
-    with pytest.raises(ValueError, match="vocab_size must be an int"):
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
         BPETokenizer.train("text", 300.0)
     with pytest.raises(TypeError):
         BPETokenizer.train(["ok", 3], 300)
@@ -301,7 +301,9 @@ def test_save_load_round_trip(tmp_path, trained, ours_cl100k, corpus_text):
         assert loaded.special_tokens == tokenizer.special_tokens and loaded.pattern == tokenizer.pattern
         assert loaded.vocab_size == tokenizer.vocab_size
         assert loaded.encode_ordinary(text) == tokenizer.encode_ordinary(text)
-    assert not list(tmp_path.glob("*.tmp"))
+        assert path.read_text() == tokenizer.to_json()  # the file is to_json's text
+        assert BPETokenizer.from_json(tokenizer.to_json()).mergeable_ranks == tokenizer.mergeable_ranks
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temporary file left
 
 
 def test_pickle_round_trip(trained):

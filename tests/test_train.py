@@ -2,6 +2,7 @@
 precision choice, batches, checkpoints (atomic, verified, exact resume), the training loop and
 the pretrained-model cache. Tiny models and temporary folders only; no network."""
 
+import hashlib
 import math
 import os
 
@@ -11,6 +12,7 @@ import torch
 
 import llmbook.corpus
 import llmbook.train as T
+from llmbook import LLMBookError
 from llmbook.corpus import Document
 from llmbook.model import GPT, GPTConfig, parameter_count
 
@@ -112,9 +114,9 @@ def test_autocast_dtype_choices(monkeypatch):
 def test_bf16_autocast_loss_close_to_fp32():
     model = tiny_model().eval()
     x, y = T.random_batch(stream(), 4, 16, torch.Generator().manual_seed(0))
-    fp32 = model.loss(x, y)
+    fp32 = model(x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = model.loss(x, y)
+        bf16 = model(x, y)
     assert bf16.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) < 0.05
 
@@ -145,11 +147,11 @@ def test_evenly_spaced_batches_cover_the_stream():
 def test_evaluate_restores_training_mode_and_matches_loss():
     model = tiny_model().train()
     batches = T.evenly_spaced_batches(stream(), 2, 3, 16)
-    value = T.evaluate(model, batches, torch.device("cpu"))
+    value = T.validation_loss(model, batches, torch.device("cpu"))
     assert model.training
     model.eval()
     with torch.no_grad():
-        expected = sum(model.loss(x, y).item() for x, y in batches) / len(batches)
+        expected = sum(model(x, y).item() for x, y in batches) / len(batches)
     assert math.isclose(value, expected, rel_tol=1e-6)
 
 
@@ -215,6 +217,45 @@ def test_wrong_magic_and_missing_file(tmp_path):
         T.load_checkpoint(plain)
     with pytest.raises(T.CheckpointError, match="no checkpoint at .*train first"):
         T.load_checkpoint(tmp_path / "missing.ckpt")
+
+
+class _RunsCode:
+    """A crafted object: unpickling it runs code (here: it creates the file `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({self.marker!r}).touch()",))
+
+
+def test_crafted_checkpoint_is_refused_without_running_its_code(tmp_path):
+    import io
+    buffer = io.BytesIO()
+    torch.save({"step": 3, "weights": _RunsCode(tmp_path / "ran-unsafe")}, buffer)
+    data = buffer.getvalue()
+    torch.load(io.BytesIO(data), weights_only=False)      # the exploit is real: plain unpickling runs it
+    assert (tmp_path / "ran-unsafe").exists()
+
+    buffer = io.BytesIO()
+    torch.save({"step": 3, "weights": _RunsCode(tmp_path / "ran")}, buffer)
+    data = buffer.getvalue()
+    crafted = tmp_path / "downloaded.ckpt"                 # correct magic line and digest
+    crafted.write_bytes(T.CHECKPOINT_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    with pytest.raises(T.CheckpointError, match="refuses to unpickle") as raised:
+        T.load_checkpoint(crafted)
+    assert str(crafted) in str(raised.value) and isinstance(raised.value, LLMBookError)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_checkpoint_payload_must_be_plain_data(tmp_path):
+    path = tmp_path / "run.ckpt"
+    for bad, where in [({"schedule": lambda step: step}, r"payload\['schedule'\] is a function"),
+                       ({"log": [1.0, np.float64(2.0)]}, r"payload\['log'\]\[1\] is a float64"),
+                       ({"config": {b"key": 1}}, r"a key of payload\['config'\] is a bytes")]:
+        with pytest.raises(TypeError, match=where):
+            T.save_checkpoint(path, bad)
+    assert not path.exists() and os.listdir(tmp_path) == []
 
 
 # ---- the training loop ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     embeddings       02_embeddings.ipynb
     positional       03_positional_encodings.ipynb
     Chapter 2, Data Engineering (ch02_data/)
+    files            01_corpus.ipynb
     corpus           01_corpus.ipynb
     cleaning         02_cleaning.ipynb
     dedup            03_deduplication.ipynb
@@ -79,11 +80,14 @@ def positive_int(value, name: str) -> int:
 
 @contextmanager
 def eval_mode(model):
-    """Switch model (any torch.nn.Module) to eval mode (dropout off) for the block, and back to
-    the mode it was in afterwards, also when the block raises."""
-    was_training = model.training
-    model.eval()
+    """Switch model (a torch.nn.Module) to eval mode (dropout off) for the block, and back to the
+    mode it was in afterwards, also when the block raises. Anything without train/eval modes (a
+    plain function standing in for a model) is left as it is."""
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        if was_training is not None:
+            model.train(was_training)

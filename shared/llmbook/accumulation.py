@@ -13,15 +13,15 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmbook import positive_int
 from llmbook.data_parallel import Run, text_tokens
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 
 __all__ = ["IGNORE_INDEX", "count_tokens", "split_micro_batches", "padded_batches",
-           "NORMALIZATIONS", "token_sum_loss", "global_token_count", "accumulate_gradients",
-           "gradient_sync_control", "CollectiveCounter", "full_tensors", "accumulated_sgd_steps"]
+           "NORMALIZATIONS", "global_token_count", "accumulate_gradients", "gradient_sync_control",
+           "CollectiveCounter"]
 
 
 # --- from ch04_distributed/03_gradient_accumulation.ipynb ---
@@ -44,8 +44,7 @@ def split_micro_batches(batch, n_micro: int, trim_padding: bool = True,
     ones, so trimming changes no valid token's loss.
     """
     inputs, targets = batch
-    if not isinstance(n_micro, int) or n_micro < 1:
-        raise ValueError(f"n_micro={n_micro!r} must be a positive integer (micro-batches per step).")
+    positive_int(n_micro, "n_micro (micro-batches per step)")
     if len(inputs) % n_micro:
         raise ValueError(f"{len(inputs)} rows do not split into {n_micro} equal micro-batches; "
                          "choose n_micro dividing the number of rows.")
@@ -86,14 +85,6 @@ def padded_batches(steps: int, batch_size: int, seq_len: int, min_len: int = 1, 
 NORMALIZATIONS = ("global_tokens", "local_tokens", "mean")
 
 
-def token_sum_loss(model, inputs, targets, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Sum of the next-token cross-entropies of the valid targets, computed from the logits of
-    model(inputs): through the wrapper's forward, where DDP's and FSDP's hooks live."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=ignore_index, reduction="sum")
-
-
 def global_token_count(micro_batches, ignore_index: int = IGNORE_INDEX, group=None) -> int:
     """Valid targets in these micro-batches, summed over all ranks of `group` by an all-reduce
     when torch.distributed is initialized (one process: the local count is the global count)."""
@@ -105,7 +96,7 @@ def global_token_count(micro_batches, ignore_index: int = IGNORE_INDEX, group=No
     return int(count.item())
 
 
-def accumulate_gradients(model, micro_batches, normalization: str = "global_tokens",
+def accumulate_gradients(model: torch.nn.Module, micro_batches, normalization: str = "global_tokens",
                          world_size: int = 1, sync=None, ignore_index: int = IGNORE_INDEX) -> float:
     """Forward and backward every micro-batch, adding their gradients into the parameters' .grad
     (zero them before, step the optimizer after).
@@ -127,8 +118,7 @@ def accumulate_gradients(model, micro_batches, normalization: str = "global_toke
         raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}.")
     if not micro_batches:
         raise ValueError("No micro-batches: pass a non-empty list of (inputs, targets) pairs.")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer.")
+    positive_int(world_size, "world_size")
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"world_size={world_size} but torch.distributed is not initialized; in one "
                          "process use world_size=1, in a torchrun worker call init_worker() first.")
@@ -143,7 +133,8 @@ def accumulate_gradients(model, micro_batches, normalization: str = "global_toke
     for k, (inputs, targets) in enumerate(micro_batches):
         context = sync(k == n_micro - 1) if sync is not None else contextlib.nullcontext()
         with context:
-            loss_sum = token_sum_loss(model, inputs, targets, ignore_index)
+            # the sum over valid targets, through the wrapper's forward, where DDP's and FSDP's hooks live
+            loss_sum = model(inputs, targets, ignore_index=ignore_index, reduction="sum")
             if normalization == "mean":
                 micro_tokens = count_tokens(targets, ignore_index)
                 if micro_tokens == 0:
@@ -160,7 +151,7 @@ def accumulate_gradients(model, micro_batches, normalization: str = "global_toke
     return share
 
 
-def gradient_sync_control(model):
+def gradient_sync_control(model: torch.nn.Module):
     """A function is_last -> context manager under which a micro-batch's forward and backward run
     so that gradients are communicated only for the last micro-batch of the step.
 
@@ -207,10 +198,10 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def full_tensors(model, grads: bool = False) -> dict:
+def _full_tensors(model: torch.nn.Module, grads: bool = False) -> dict:
     """{parameter name: full CPU copy} of the parameters (or their gradients), with DDP's
     "module." prefix removed and FSDP2's shards gathered (a collective: call it on every rank)."""
-    from llmbook.tensor_parallel import full_tensors as gather_full
+    from llmbook.tensor_parallel import gather_dtensors as gather_full
 
     named = {}
     for name, param in model.named_parameters():
@@ -221,7 +212,7 @@ def full_tensors(model, grads: bool = False) -> dict:
     return gather_full(named)
 
 
-def accumulated_sgd_steps(model, steps, lr: float, normalization: str = "global_tokens",
+def _accumulated_sgd_steps(model: torch.nn.Module, steps, lr: float, normalization: str = "global_tokens",
                           world_size: int = 1, sync=None, counter=None) -> Run:
     """SGD with gradient accumulation. `steps` holds, for every optimizer step, this rank's list of
     (inputs, targets) micro-batches; see accumulate_gradients for normalization, world_size and
@@ -238,10 +229,10 @@ def accumulated_sgd_steps(model, steps, lr: float, normalization: str = "global_
             optimizer.zero_grad(set_to_none=True)
             losses.append(accumulate_gradients(model, micro_batches, normalization, world_size, sync))
         if first_grads is None:
-            first_grads = full_tensors(model, grads=True)
+            first_grads = _full_tensors(model, grads=True)
         with counting:
             optimizer.step()
-    return Run(losses, first_grads, full_tensors(model))
+    return Run(losses, first_grads, _full_tensors(model))
 
 
 def _job(worker, args) -> dict:
@@ -287,7 +278,7 @@ def _job(worker, args) -> dict:
     for name, use_no_sync in (("ddp_every_micro_batch", False), ("ddp_no_sync", True)):
         model, comm = ddp_model(), CommCounter()
         model.register_comm_hook(comm, counting_allreduce_hook)
-        run = accumulated_sgd_steps(model, my_micro_batches(equal, trim=False), args.lr, "mean",
+        run = _accumulated_sgd_steps(model, my_micro_batches(equal, trim=False), args.lr, "mean",
                                     world_size, gradient_sync_control(model) if use_no_sync else None)
         variants[name] = {**compare(run, equal_reference),
                           "allreduce_calls_per_step": comm.calls // args.steps,
@@ -301,7 +292,7 @@ def _job(worker, args) -> dict:
                                 ("ddp_local_tokens", "local_tokens"), ("ddp_naive_mean", "mean")):
         model, comm = ddp_model(), CommCounter()
         model.register_comm_hook(comm, counting_allreduce_hook)
-        run = accumulated_sgd_steps(model, padded_steps, args.lr, normalization, world_size,
+        run = _accumulated_sgd_steps(model, padded_steps, args.lr, normalization, world_size,
                                     gradient_sync_control(model))
         variants[name] = {**compare(run, padded_reference),
                           "allreduce_calls_per_step": comm.calls // args.steps}
@@ -309,7 +300,7 @@ def _job(worker, args) -> dict:
     # 3. FSDP2 on the padded batches, with and without set_requires_gradient_sync.
     for name, control in (("fsdp2_every_micro_batch", False), ("fsdp2_sync_last", True)):
         model, counter = fsdp2_model(), CollectiveCounter()
-        run = accumulated_sgd_steps(model, padded_steps, args.lr, "global_tokens", world_size,
+        run = _accumulated_sgd_steps(model, padded_steps, args.lr, "global_tokens", world_size,
                                     gradient_sync_control(model) if control else None, counter)
         variants[name] = {**compare(run, padded_reference),
                           **{f"{op}_calls_per_step": n // args.steps for op, n in sorted(counter.counts.items())}}

@@ -15,13 +15,14 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from tqdm import tqdm
 
+from llmbook import LLMBookError
 from llmbook.generate import stream_tokens
 from llmbook.model import GPT, GPTConfig
 from llmbook.tokenizer import BPETokenizer
-from llmbook.train import (CheckpointError, TrainConfig, learning_rate, load_checkpoint,
-                           make_optimizer, save_checkpoint)
+from llmbook.train import (CheckpointError, TrainConfig, autocast_dtype, learning_rate,
+                           load_checkpoint, make_optimizer, save_checkpoint, train_step)
 
 __all__ = ["ROLES", "CHAT_TOKENS", "END", "add_chat_tokens", "grow_vocabulary", "render",
            "encode_chat", "TASK_FAMILIES", "SPLIT_SEED", "Example", "make_tasks", "check_answer",
@@ -68,7 +69,7 @@ def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
 
 def _check_messages(messages):
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}.")
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}.")
     for position, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise ValueError(f"message {position} is {message!r}; each message must be a dict with "
@@ -286,38 +287,29 @@ def supervised_finetune(model: GPT, tokenizer: BPETokenizer, examples, cfg: Trai
     cfg.batch_size examples drawn at random (torch.Generator seeded with cfg.seed), with the
     pretraining recipe: AdamW with decay groups, warmup + cosine learning rate, gradient clipping.
     Returns the training loss of every step."""
-    from tqdm import tqdm
     encoded = [encode_chat(tokenizer, example.messages()) for example in examples]
     too_long = [i for i, (ids, _) in enumerate(encoded) if len(ids) > model.config.context_length + 1]
     if too_long:
         raise ValueError(f"{len(too_long)} examples (first: #{too_long[0]}) are longer than the context "
                          f"of {model.config.context_length} tokens; shorten them or drop them.")
     pad_id = tokenizer.special_tokens[END]
-    device = next(model.parameters()).device
+    dtype = autocast_dtype(cfg.precision, next(model.parameters()).device)
     optimizer = make_optimizer(model, cfg)
     sampler = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.train()
     for step in tqdm(range(cfg.max_steps), disable=not progress, desc="sft"):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
         rows = torch.randint(0, len(encoded), (cfg.batch_size,), generator=sampler).tolist()
-        inputs, targets = sft_batch([encoded[r] for r in rows], pad_id, masked)
-        loss = model.loss(inputs.to(device), targets.to(device))
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        batch = sft_batch([encoded[r] for r in rows], pad_id, masked)
+        losses.append(train_step(model, optimizer, batch, learning_rate(step, cfg), cfg.grad_clip, dtype))
     return losses
 
 
-CHAT_FORMAT = "llmbook-chat-1"
+CHAT_FORMAT = "llmbook-chat-2"  # 2: the tokenizer is stored as its JSON file's text
 
 
 def save_chat_model(path, model: GPT, tokenizer: BPETokenizer) -> None:
-    """Save a chat model: its config, weights and the tokenizer's constructor arguments, with a
+    """Save a chat model: its config, weights and tokenizer (the text of its JSON file), with a
     format tag, atomically and with a SHA-256 (llmbook.train.save_checkpoint)."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -325,8 +317,7 @@ def save_chat_model(path, model: GPT, tokenizer: BPETokenizer) -> None:
     save_checkpoint(path, {
         "format": CHAT_FORMAT, "model_config": asdict(model.config),
         "model": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
-        "tokenizer": {"mergeable_ranks": tokenizer.mergeable_ranks, "pattern": tokenizer.pattern,
-                      "special_tokens": tokenizer.special_tokens}})
+        "tokenizer": tokenizer.to_json()})
 
 
 def load_chat_model(path, device="cpu"):
@@ -344,7 +335,7 @@ def load_chat_model(path, device="cpu"):
                               f"{CHAT_FORMAT!r}); save one with save_chat_model.")
     model = GPT(GPTConfig(**state["model_config"])).to(device)
     model.load_state_dict(state["model"])
-    tokenizer = BPETokenizer(**state["tokenizer"])
+    tokenizer = BPETokenizer.from_json(state["tokenizer"], name=f"{os.fspath(path)} (its tokenizer)")
     return model.eval(), tokenizer
 
 
@@ -365,7 +356,7 @@ def main(argv=None) -> None:
         parser.error("--temperature must be >= 0 and --max-new-tokens >= 1")
     try:
         model, tokenizer = load_chat_model(args.checkpoint)
-    except (CheckpointError, OSError) as error:  # OSError: a folder, no permission, ...
+    except (LLMBookError, OSError) as error:  # OSError: a folder, no permission, ...
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.max_new_tokens >= model.config.context_length:

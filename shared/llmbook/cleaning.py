@@ -25,9 +25,9 @@ __all__ = ["REPLACEMENT_CHARACTER", "decode_utf8", "to_nfc", "remove_control_cha
            "BULLETS", "ELLIPSES", "split_words", "gopher_quality_statistics",
            "duplicate_fractions", "ngram_character_fractions", "gopher_repetition_statistics",
            "C4_END_MARKS", "C4_POLICY_SUBSTRINGS", "C4_CITATION", "LineRule", "C4_LINE_RULES",
-           "apply_line_rules", "count_sentences", "GOPHER", "C4_PAPER", "OURS", "Rule",
-           "format_number", "RULES", "PageView", "STATISTIC_GROUPS", "RawDocument", "Rejection",
-           "first_failing_rule", "CleaningReport", "clean_document", "clean_corpus"]
+           "apply_line_rules", "count_sentences", "GOPHER", "C4_PAPER", "OURS", "Rule", "RULES",
+           "PageView", "STATISTIC_GROUPS", "RawDocument", "Rejection", "first_failing_rule",
+           "CleaningReport", "clean_document", "clean_corpus"]
 
 
 # --- from ch02_data/02_cleaning.ipynb ---
@@ -272,10 +272,10 @@ class Rule:
     @property
     def condition(self) -> str:
         """The removal condition as text, e.g. "word_count < 50"."""
-        return f"{self.statistic} {self.op} {format_number(self.threshold)}"
+        return f"{self.statistic} {self.op} {_format_number(self.threshold)}"
 
 
-def format_number(x: float) -> str:
+def _format_number(x: float) -> str:
     """Whole numbers with thousands separators (2,000,000), others to 4 significant digits (0.1663)."""
     return f"{int(x):,}" if float(x).is_integer() else f"{x:.4g}"
 
@@ -461,7 +461,7 @@ def clean_document(raw, rules=RULES, line_rules=C4_LINE_RULES) -> tuple[str | No
     failure = first_failing_rule(page, rules)
     if failure is not None:
         rule, value = failure
-        return None, page, f"{rule.name}: {rule.statistic} = {format_number(value)} {rule.op} {format_number(rule.threshold)}"
+        return None, page, f"{rule.name}: {rule.statistic} = {_format_number(value)} {rule.op} {_format_number(rule.threshold)}"
     if not page.edited_text:
         return None, page, "empty: no line survived the line rules"
     return page.edited_text, page, ""

@@ -10,6 +10,8 @@ Built in ch05_evaluation/05_contamination.ipynb."""
 import re
 from dataclasses import dataclass
 
+from llmbook import positive_int
+
 __all__ = ["normalized_words", "word_ngrams", "NgramIndex", "ContaminationReport",
            "contamination_report"]
 
@@ -27,8 +29,7 @@ def normalized_words(text: str) -> list[str]:
 
 def word_ngrams(text: str, n: int) -> set[str]:
     """Every run of n consecutive normalised words in text, each joined by single spaces."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    positive_int(n, "n")
     words = normalized_words(text)
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 

@@ -9,14 +9,9 @@ trains from. Built in ch02_data/01_corpus.ipynb."""
 import ast
 import functools
 import hashlib
-import http.client
 import json
 import os
-import re
 import sysconfig
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Document", "offline_corpus", "SourceUnavailableError", "RemoteSource", "SOURCES",
-           "cache_dir", "file_sha256", "download", "fetch_source", "read_local_files",
-           "load_source", "load_corpus", "SHARD_FORMAT", "SHARD_FORMAT_VERSION", "METADATA_FILE",
-           "token_dtype", "write_token_shards", "TokenShards", "read_token_shards",
-           "SlidingWindowDataset", "make_dataloader", "split_tokens", "is_validation_document",
-           "split_documents"]
+from llmbook import positive_int
+from llmbook.files import atomic_write, data_sha256, download, file_sha256, read_versioned_json
+
+__all__ = ["Document", "offline_corpus", "RemoteSource", "SOURCES", "fetch_source",
+           "read_local_files", "load_source", "load_corpus", "SHARD_FORMAT",
+           "SHARD_FORMAT_VERSION", "METADATA_FILE", "token_dtype", "write_token_shards",
+           "TokenShards", "read_token_shards", "SlidingWindowDataset", "make_dataloader",
+           "split_tokens", "is_validation_document", "split_documents"]
 
 
 # --- from ch02_data/01_corpus.ipynb ---
@@ -95,10 +92,6 @@ def offline_corpus() -> tuple[Document, ...]:
     return tuple(_pydoc_topic_documents() + _stdlib_docstring_documents())
 
 
-class SourceUnavailableError(ConnectionError):
-    """A remote corpus file could not be fetched: no network, a server that is down, a wrong URL."""
-
-
 @dataclass(frozen=True)
 class RemoteSource:
     """A public text source the book can download, and what its file must hash to.
@@ -140,110 +133,6 @@ SOURCES: dict[str, RemoteSource] = {source.name: source for source in [
         filename="fineweb-edu-sample-10BT-000_00000.parquet", fmt="parquet", size_bytes=None,
         description="first shard (~2 GB) of FineWeb-Edu's 10B-token sample: educational web pages"),
 ]}
-
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpus files live: $LLMBOOK_CACHE if set, else $XDG_CACHE_HOME/llmbook,
-    else ~/.cache/llmbook. Nothing is created until a download needs it."""
-    override = os.environ.get("LLMBOOK_CACHE", "").strip()
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base).expanduser() / "llmbook"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 hex digest of a file, read in 1 MiB blocks (big files never sit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checked_sha256(sha256: str | None) -> str | None:
-    if sha256 is None:
-        return None
-    normalized = str(sha256).strip().lower()
-    if not _SHA256_HEX.match(normalized):
-        raise ValueError(f"sha256={sha256!r} is not a SHA-256 hex digest (64 characters 0-9a-f); "
-                         "pass the digest from the source's documentation, or None if not pinned.")
-    return normalized
-
-
-def download(url: str, filename: str, sha256: str | None = None, cache: str | os.PathLike | None = None,
-             *, timeout: float = 60.0, progress: bool | None = None) -> Path:
-    """Fetch `url` into the cache as `filename` once, verify it, and return its path.
-
-    A file already in the cache (an earlier download, or one you placed there by hand) is used
-    without touching the network, after its digest is checked when `sha256` is given. Otherwise the
-    body is streamed with urllib into a temporary file in the cache folder while being hashed;
-    only a file whose digest matches is renamed (atomically) to its final name, so an interrupted
-    or corrupt download never looks like a cached one. `file://` URLs work too (the tests use them).
-
-    Raises:
-        ValueError: bad `filename` or `sha256`, or the file's digest differs from `sha256` (the
-            downloaded file is deleted; a cached one is left for you to inspect and delete).
-        SourceUnavailableError: the URL could not be read (offline, server down, wrong URL); the
-            message says how to continue offline.
-    """
-    if not filename or Path(filename).name != filename or filename in {".", ".."}:
-        raise ValueError(f"filename={filename!r} must be a plain file name without folders.")
-    expected = _checked_sha256(sha256)
-    directory = Path(cache).expanduser() if cache is not None else cache_dir()
-    target = directory / filename
-
-    if target.exists():  # cache hit: never re-read the URL
-        if expected is not None and (actual := file_sha256(target)) != expected:
-            raise ValueError(f"The cached file {target} has sha256 {actual}, expected {expected}. "
-                             "It is corrupt or a different version: delete it to download again.")
-        return target
-
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    show = progress if progress is not None else (total or 0) > 10 * 2**20
-                    if show:  # imported only when needed: importing tqdm.auto can itself warn
-                        from tqdm.auto import tqdm
-                    else:
-                        from tqdm import tqdm
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=filename,
-                              disable=not show) as bar:
-                        while block := response.read(1 << 20):
-                            out.write(block)
-                            digest.update(block)
-                            bar.update(len(block))
-            except ValueError as error:  # urllib's "unknown url type"
-                raise ValueError(f"url={url!r} cannot be opened by urllib ({error}); use an "
-                                 "https://, http:// or file:// URL.") from error
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-                reason = getattr(error, "reason", None) or error
-                pinned = f" (it must have sha256 {expected})" if expected else ""
-                raise SourceUnavailableError(
-                    f"Could not download {filename} from {url}: {reason}. This source needs the "
-                    "network. Without it, use the offline default corpus (load_corpus('offline'), "
-                    "the default while LLMBOOK_CORPUS is unset), or fetch the file on another "
-                    f"machine and place it by hand at {target}{pinned}.") from error
-        actual = digest.hexdigest()
-        if expected is not None and actual != expected:
-            raise ValueError(f"{filename} downloaded from {url} has sha256 {actual}, expected "
-                             f"{expected}. The file was not kept. The server sent different bytes "
-                             "(a changed file, a proxy error page, a truncated transfer): check the URL.")
-        os.replace(temporary, target)  # atomic: the final name only ever holds a verified file
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if expected is None:
-        print(f"{filename}: downloaded, not pinned. Its sha256 is {actual}; pin it (RemoteSource"
-              ".sha256 or download(..., sha256=...)) so that later downloads are verified.")
-    return target
 
 
 def _require_pyarrow(source: RemoteSource):
@@ -370,8 +259,8 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
     the path of a .txt/.jsonl file or folder of them. Without `name`, the environment variable
     LLMBOOK_CORPUS decides, and it defaults to "offline": the notebooks use that default, so
     their outputs are the same on every machine. `limit` keeps only the first documents."""
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r} must be a positive integer or None.")
+    if limit is not None:
+        positive_int(limit, "limit (or None)")
     chosen = name if name is not None else os.environ.get("LLMBOOK_CORPUS", "").strip() or "offline"
     if chosen == "offline":
         documents = offline_corpus()
@@ -395,8 +284,7 @@ _SHARD_NAME = "shard_{:05d}.bin"
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer type that holds every id of a vocabulary: uint16 for up to
     65,536 tokens (ids 0..65535), uint32 beyond."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size={vocab_size!r} must be a positive integer.")
+    positive_int(vocab_size, "vocab_size")
     if vocab_size <= 2**16:
         return np.dtype(np.uint16)
     if vocab_size <= 2**32:
@@ -444,8 +332,7 @@ def write_token_shards(documents: Iterable, out_dir: str | os.PathLike, vocab_si
     dtype = token_dtype(vocab_size)
     if isinstance(eot_id, bool) or not isinstance(eot_id, (int, np.integer)) or not 0 <= eot_id < vocab_size:
         raise ValueError(f"eot_id={eot_id!r} must be an integer id in [0, {vocab_size}).")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, (int, np.integer)) or shard_tokens < 1:
-        raise ValueError(f"shard_tokens={shard_tokens!r} must be a positive integer.")
+    shard_tokens = positive_int(shard_tokens, "shard_tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = sorted(out.glob("shard_*.bin")) + sorted(out.glob(METADATA_FILE))
@@ -463,7 +350,7 @@ def write_token_shards(documents: Iterable, out_dir: str | os.PathLike, vocab_si
         data = buffer[:filled].astype(dtype.newbyteorder("<"), copy=False)  # one byte order on disk
         name = _SHARD_NAME.format(len(shards))
         data.tofile(out / name)
-        shards.append({"file": name, "tokens": int(filled), "sha256": hashlib.sha256(data).hexdigest()})
+        shards.append({"file": name, "tokens": int(filled), "sha256": data_sha256(data)})
 
     n_documents = 0
     for index, token_ids in enumerate(documents):
@@ -486,9 +373,7 @@ def write_token_shards(documents: Iterable, out_dir: str | os.PathLike, vocab_si
                 "vocab_size": int(vocab_size), "eot_id": int(eot_id), "eot_position": "before each document",
                 "documents": n_documents, "total_tokens": sum(s["tokens"] for s in shards),
                 "shards": shards}
-    temporary = out / (METADATA_FILE + ".part")
-    temporary.write_text(json.dumps(metadata, indent=1) + "\n")
-    os.replace(temporary, out / METADATA_FILE)
+    atomic_write(out / METADATA_FILE, json.dumps(metadata, indent=1) + "\n")
     return metadata
 
 
@@ -577,15 +462,8 @@ def read_token_shards(directory: str | os.PathLike, *, verify: bool = False) -> 
         raise FileNotFoundError(f"{meta_path} does not exist: {folder} is not a finished token-shard "
                                 "folder (write one with write_token_shards; an interrupted write "
                                 "leaves no metadata).")
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{meta_path} is not valid JSON ({error}); rewrite the shards.") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != SHARD_FORMAT:
-        raise ValueError(f"{meta_path} is not llmbook token-shard metadata (format is not {SHARD_FORMAT!r}).")
-    if metadata.get("version") != SHARD_FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format version {metadata.get('version')!r}; this code "
-                         f"reads version {SHARD_FORMAT_VERSION}. Rewrite the shards.")
+    metadata = read_versioned_json(meta_path, SHARD_FORMAT, SHARD_FORMAT_VERSION,
+                                   what="llmbook token-shard metadata")
     missing = {"dtype", "vocab_size", "eot_id", "total_tokens", "shards"} - metadata.keys()
     if missing:
         raise ValueError(f"{meta_path} lacks the fields {sorted(missing)}; rewrite the shards.")
@@ -629,11 +507,9 @@ class SlidingWindowDataset(Dataset):
     converted one window at a time, so a memory-mapped corpus never has to fit in memory."""
 
     def __init__(self, tokens, context_length: int, stride: int | None = None):
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-            raise ValueError(f"context_length={context_length!r} must be a positive integer.")
+        positive_int(context_length, "context_length")
         stride = context_length if stride is None else stride
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride={stride!r} must be a positive integer (or None for context_length).")
+        positive_int(stride, "stride")
         if len(tokens) < context_length + 1:
             raise ValueError(f"{len(tokens)} tokens are too few for one window: a window needs "
                              f"context_length + 1 = {context_length + 1} tokens (the targets are "
@@ -666,8 +542,7 @@ def make_dataloader(tokens, context_length: int, batch_size: int, *, stride: int
     With `shuffle`, the order of windows comes from a generator seeded with `seed`: two loaders made
     with the same arguments yield the same batches, epoch after epoch. `drop_last` keeps every
     batch full-sized (for training; use False, and shuffle=False, for validation)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    positive_int(batch_size, "batch_size")
     dataset = SlidingWindowDataset(tokens, context_length, stride)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"Only {len(dataset)} windows for batch_size={batch_size} with drop_last: "

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 from llmbook.model import GPT, GPTConfig
+from llmbook.train import random_batch
 
-__all__ = ["tiny_config", "build_model", "text_tokens", "global_batches", "shard", "lm_loss",
-           "Run", "sgd_steps", "max_abs_diff", "single_process_run", "CommCounter",
+__all__ = ["tiny_config", "build_model", "text_tokens", "global_batches", "shard", "Run",
+           "sgd_steps", "max_abs_diff", "single_process_run", "CommCounter",
            "broadcast_parameters", "allreduce_gradients", "counting_allreduce_hook"]
 
 
@@ -48,14 +48,8 @@ def text_tokens() -> torch.Tensor:
 def global_batches(steps: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
     """`steps` (inputs, targets) batches of random windows of the text. Every rank calls this
     with the same seed and gets the same global batches; each then keeps its own shard."""
-    tokens = text_tokens()
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(steps):
-        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
-        windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
-        batches.append((windows[:, :-1], windows[:, 1:]))
-    return batches
+    tokens, generator = text_tokens(), torch.Generator().manual_seed(seed)
+    return [random_batch(tokens, batch_size, seq_len, generator) for _ in range(steps)]
 
 
 def shard(batch, rank: int, world_size: int):
@@ -68,13 +62,6 @@ def shard(batch, rank: int, world_size: int):
     return inputs[rank * rows:(rank + 1) * rows], targets[rank * rows:(rank + 1) * rows]
 
 
-def lm_loss(model, inputs, targets) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed from the logits of model(inputs) so that it goes
-    through a wrapper's forward (DDP's hooks live there, not in GPT.loss)."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 @dataclass
 class Run:
     """What a few SGD steps produced: the loss of every step, the gradients of the first step and
@@ -85,8 +72,10 @@ class Run:
     final_params: dict
 
 
-def sgd_steps(model, batches, lr: float, sync_gradients=None, loss_fn=lm_loss) -> Run:
-    """Plain SGD on the given batches. `sync_gradients(model)`, if given, runs between backward
+def sgd_steps(model: torch.nn.Module, batches, lr: float, sync_gradients=None, loss_fn=None) -> Run:
+    """Plain SGD on the given batches. The loss is the model's own, `model(inputs, targets)`, which
+    goes through a wrapper's forward (DDP's hooks live there), unless `loss_fn(model, inputs,
+    targets)` is given. `sync_gradients(model)`, if given, runs between backward
     and the optimizer step: that is where data parallelism averages the ranks' gradients.
     SGD (not AdamW) keeps the comparisons exact: Adam divides by a tiny second moment and
     amplifies rounding differences ~100-fold."""
@@ -94,7 +83,7 @@ def sgd_steps(model, batches, lr: float, sync_gradients=None, loss_fn=lm_loss) -
     losses, first_grads = [], None
     for inputs, targets in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, inputs, targets)
+        loss = model(inputs, targets) if loss_fn is None else loss_fn(model, inputs, targets)
         loss.backward()
         if sync_gradients is not None:
             sync_gradients(model)
@@ -105,7 +94,7 @@ def sgd_steps(model, batches, lr: float, sync_gradients=None, loss_fn=lm_loss) -
     return Run(losses, first_grads, {name: p.detach().clone() for name, p in _named(model)})
 
 
-def _named(model):
+def _named(model: torch.nn.Module):
     """Parameters by their name in the unwrapped GPT (DDP prefixes names with 'module.')."""
     return ((name.removeprefix("module."), p) for name, p in model.named_parameters())
 
@@ -117,7 +106,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def single_process_run(config, batches, lr: float, seed: int = 0) -> Run:
+def single_process_run(config: GPTConfig, batches, lr: float, seed: int = 0) -> Run:
     """The reference: one process, the whole global batch, the model built from `seed`."""
     return sgd_steps(build_model(config, seed), batches, lr)
 
@@ -133,14 +122,14 @@ class CommCounter:
         self.bytes += tensor.numel() * tensor.element_size()
 
 
-def broadcast_parameters(model, src: int = 0) -> None:
+def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's weights equal to rank `src`'s: the starting point of data parallelism."""
     with torch.no_grad():
         for p in model.parameters():
             dist.broadcast(p, src)
 
 
-def allreduce_gradients(model, counter: CommCounter | None = None) -> None:
+def allreduce_gradients(model: torch.nn.Module, counter: CommCounter | None = None) -> None:
     """Replace each gradient by its mean over the ranks. Each rank's loss is the mean over its
     own rows; with equal shards, the mean of those means is the loss of the global batch, so
     the averaged gradient is exactly the global batch's gradient."""

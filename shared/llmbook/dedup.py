@@ -5,7 +5,7 @@
 """Deduplication of a text corpus, from exact copies down to shared passages.
 
 * Exact documents: `exact_duplicates` / `deduplicate_exact` compare a 128-bit BLAKE2b digest of the
-  normalized text (`normalize_text`: Unicode NFC, lower case, every run of whitespace -> one space).
+  normalized text (`comparison_key`: Unicode NFC, lower case, every run of whitespace -> one space).
 * Boilerplate: `remove_repeated_lines` drops lines (or paragraphs) that occur on many pages.
 * Near-duplicates: `MinHashDeduplicator` computes MinHash signatures of word n-gram shingles with
   numpy, buckets them with LSH (bands x rows) and merges colliding documents with union-find.
@@ -20,7 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["normalize_text", "text_fingerprint", "exact_duplicates", "deduplicate_exact",
+from llmbook import positive_int
+
+__all__ = ["comparison_key", "text_fingerprint", "exact_duplicates", "deduplicate_exact",
            "remove_repeated_lines", "shingles", "jaccard", "MINHASH_PRIME",
            "EMPTY_SIGNATURE_VALUE", "shingle_hashes", "minhash_signatures", "minhash_jaccard",
            "lsh_candidate_probability", "lsh_buckets", "lsh_candidate_pairs",
@@ -31,33 +33,33 @@ __all__ = ["normalize_text", "text_fingerprint", "exact_duplicates", "deduplicat
 # --- from ch02_data/03_deduplication.ipynb ---
 
 def _check_docs(docs) -> list[str]:
-    """Return `docs` as a list of strings, or raise a ValueError that says how to fix the call."""
+    """Return `docs` as a list of strings, or raise a TypeError that says how to fix the call."""
     if isinstance(docs, (str, bytes)):
-        raise ValueError("docs must be a sequence of strings, not a single string: wrap it in a list")
+        raise TypeError("docs must be a sequence of strings, not a single string: wrap it in a list")
     if not isinstance(docs, Sequence):
-        raise ValueError(f"docs must be a sequence (list or tuple) of strings, got {type(docs).__name__}")
+        raise TypeError(f"docs must be a sequence (list or tuple) of strings, got {type(docs).__name__}")
     for index, doc in enumerate(docs):
         if not isinstance(doc, str):
             hint = " (for llmbook.corpus documents pass [d.text for d in docs])" if hasattr(doc, "text") else ""
-            raise ValueError(f"docs[{index}] is a {type(doc).__name__}, expected str{hint}")
+            raise TypeError(f"docs[{index}] is a {type(doc).__name__}, expected str{hint}")
     return list(docs)
 
 
-def normalize_text(text: str) -> str:
+def comparison_key(text: str) -> str:
     """Canonical form used to compare texts: Unicode NFC, lower case, whitespace runs -> one space.
 
     NFC makes the two encodings of "é" (one code point, or "e" plus a combining accent) equal; `split()`
     without arguments splits on every Unicode whitespace character and drops leading/trailing ones.
     """
     if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     return " ".join(unicodedata.normalize("NFC", text).lower().split())
 
 
 def text_fingerprint(text: str) -> str:
     """Hex BLAKE2b-128 digest of the normalized text: equal for texts that differ only in case,
     whitespace or Unicode composition."""
-    return hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=16).hexdigest()
+    return hashlib.blake2b(comparison_key(text).encode("utf-8"), digest_size=16).hexdigest()
 
 
 def exact_duplicates(docs: Sequence[str]) -> list[list[int]]:
@@ -84,7 +86,7 @@ def remove_repeated_lines(docs: Sequence[str], min_pages: int = 3, min_chars: in
                           separator: str = "\n") -> tuple[list[str], dict[str, int]]:
     """Remove boilerplate: every line that occurs on at least `min_pages` different documents.
 
-    Lines are compared after `normalize_text`, and counted once per document however often they
+    Lines are compared after `comparison_key`, and counted once per document however often they
     occur in it. A repeated line is removed from *every* document, the first included: a cookie
     banner is boilerplate on all pages. Lines shorter than `min_chars` characters (normalized) are
     never removed, so that short legitimate lines ("Example:", "return x") survive; blank lines are
@@ -101,15 +103,15 @@ def remove_repeated_lines(docs: Sequence[str], min_pages: int = 3, min_chars: in
     if not isinstance(min_chars, int) or min_chars < 0:
         raise ValueError(f"min_chars must be an int >= 0, got {min_chars!r}")
     if not isinstance(separator, str) or not separator:
-        raise ValueError("separator must be a non-empty string such as '\\n' (lines) or '\\n\\n' (paragraphs)")
+        raise (TypeError if not isinstance(separator, str) else ValueError)("separator must be a non-empty string such as '\\n' (lines) or '\\n\\n' (paragraphs)")
 
     split_docs = [text.split(separator) for text in docs]
     pages_per_line = Counter()
     for units in split_docs:
-        pages_per_line.update({normalize_text(unit) for unit in units} - {""})
+        pages_per_line.update({comparison_key(unit) for unit in units} - {""})
     repeated = {line: count for line, count in pages_per_line.items()
                 if count >= min_pages and len(line) >= min_chars}
-    new_docs = [separator.join(unit for unit in units if normalize_text(unit) not in repeated)
+    new_docs = [separator.join(unit for unit in units if comparison_key(unit) not in repeated)
                 for units in split_docs]
     removed_lines = dict(sorted(repeated.items(), key=lambda item: (-item[1], item[0])))
     return new_docs, removed_lines
@@ -121,9 +123,8 @@ def shingles(text: str, ngram: int = 5) -> set[str]:
     A document with fewer than `ngram` words (but at least one) is a single shingle made of all its
     words, so that short documents can still be compared; an empty document has no shingles.
     """
-    if not isinstance(ngram, int) or ngram < 1:
-        raise ValueError(f"ngram must be a positive int, got {ngram!r}")
-    words = normalize_text(text).split()
+    positive_int(ngram, "ngram")
+    words = comparison_key(text).split()
     if not words:
         return set()
     if len(words) < ngram:
@@ -170,10 +171,9 @@ def shingle_hashes(docs: Sequence[str], ngram: int = 5) -> tuple[np.ndarray, np.
     windows of the whole corpus are combined in one vectorized pass.
     """
     docs = _check_docs(docs)
-    if not isinstance(ngram, (int, np.integer)) or ngram < 1:
-        raise ValueError(f"ngram must be a positive int, got {ngram!r}")
+    positive_int(ngram, "ngram")
     vocabulary: dict[str, int] = {}
-    doc_word_ids = [[vocabulary.setdefault(word, len(vocabulary)) for word in normalize_text(text).split()]
+    doc_word_ids = [[vocabulary.setdefault(word, len(vocabulary)) for word in comparison_key(text).split()]
                     for text in docs]
     vocabulary_hashes = np.fromiter((_word_hash(word) for word in vocabulary), dtype=np.uint64,
                                     count=len(vocabulary))
@@ -349,8 +349,7 @@ class MinHashDeduplicator:
 
     def __init__(self, num_bands: int = 14, rows_per_band: int = 8, ngram: int = 5, seed: int = 0):
         for name, value in [("num_bands", num_bands), ("rows_per_band", rows_per_band), ("ngram", ngram)]:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(value, name)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.num_bands, self.rows_per_band = int(num_bands), int(rows_per_band)
@@ -401,7 +400,7 @@ def suffix_array(data: bytes) -> np.ndarray:
     before its extensions. O(n log^2 n) time, O(n) memory: fine for megabytes, not for terabytes.
     """
     if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f"data must be bytes (encode text with .encode('utf-8')), got {type(data).__name__}")
+        raise TypeError(f"data must be bytes (encode text with .encode('utf-8')), got {type(data).__name__}")
     n = len(data)
     rank = np.frombuffer(bytes(data), dtype=np.uint8).astype(np.int64)  # width 1: the first byte
     order = np.argsort(rank, kind="stable")
@@ -429,7 +428,7 @@ def lcp_array(data: bytes, sa: np.ndarray) -> np.ndarray:
     the loop does O(n) byte comparisons in total.
     """
     if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f"data must be bytes, got {type(data).__name__}")
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
     n = len(data)
     if len(sa) != n:
         raise ValueError(f"sa has {len(sa)} entries but data has {n} bytes: pass suffix_array(data)")
@@ -465,8 +464,7 @@ def find_repeated_substrings(docs: Sequence[str], min_length: int = 50) -> list[
     covered by repeat windows; the first occurrence of every repeated passage stays uncovered.
     """
     docs = _check_docs(docs)
-    if not isinstance(min_length, int) or min_length < 1:
-        raise ValueError(f"min_length must be a positive int (bytes), got {min_length!r}")
+    positive_int(min_length, "min_length (bytes)")
     encoded = [text.encode("utf-8") for text in docs]
     data = b"".join(piece + _DOCUMENT_SEPARATOR for piece in encoded)
     doc_starts = np.concatenate([[0], np.cumsum([len(piece) + 1 for piece in encoded])]).astype(np.int64)

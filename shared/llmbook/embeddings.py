@@ -11,10 +11,10 @@ dL/dW = X^T dL/dY (a scatter-add into the rows of the ids used). Real models cal
 matrix. `embedding_parameter_count` counts what the embedding and the output head cost.
 """
 
-import numbers
-
 import torch
 import torch.nn.functional as F
+
+from llmbook import positive_int
 
 __all__ = ["one_hot_embedding", "embedding_parameter_count"]
 
@@ -33,6 +33,7 @@ def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         (exactly: each output is one weight times 1 plus zeros).
 
     Raises:
+        TypeError: if ``ids`` is not a tensor at all.
         ValueError: if ``ids`` is not an integer tensor, ``weight`` is not a 2-D tensor, or an id
             lies outside ``[0, V)``.
 
@@ -40,7 +41,7 @@ def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``N = ids.numel()`` and spends ``N * V * d`` multiply-adds, where a lookup copies ``N * d`` numbers.
     """
     if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"ids must be a torch.Tensor of integer token ids, got {type(ids).__name__}; "
+        raise TypeError(f"ids must be a torch.Tensor of integer token ids, got {type(ids).__name__}; "
                          f"wrap it with torch.tensor(ids).")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor of token ids, got dtype {ids.dtype}; "
@@ -79,13 +80,10 @@ def embedding_parameter_count(vocab_size: int, d_model: int, tied: bool = True) 
         V * d if tied, else 2 * V * d.
 
     Raises:
-        ValueError: if vocab_size or d_model is not a positive integer.
+        TypeError: if vocab_size or d_model is not an integer; ValueError: if it is below 1.
 
     >>> embedding_parameter_count(50257, 768)
     38597376
     """
-    for name, value in (("vocab_size", vocab_size), ("d_model", d_model)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    per_matrix = int(vocab_size) * int(d_model)
+    per_matrix = positive_int(vocab_size, "vocab_size") * positive_int(d_model, "d_model")
     return per_matrix if tied else 2 * per_matrix

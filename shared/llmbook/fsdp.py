@@ -7,58 +7,60 @@ PyTorch's FSDP2 (`fully_shard`) applied to our GPT, and a job (`main`) that chec
 process and measures what each rank holds."""
 
 import warnings
+from dataclasses import asdict
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from llmbook import positive_int
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
-from llmbook.tensor_parallel import full_tensors, local_nbytes
+from llmbook.memory import MemoryBreakdown
+from llmbook.model import GPT
+from llmbook.tensor_parallel import gather_dtensors, local_nbytes
 
 __all__ = ["MIXED_PRECISION_ADAM", "FP32_ADAMW", "ZERO_STAGES", "zero_bytes_per_rank", "shard_gpt",
-           "state_bytes", "unsharded_param_bytes", "count_collectives"]
+           "state_bytes"]
 
 
 # --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
 
-# Bytes per parameter of each part of the training state.
+# Bytes per parameter of each part of the training state (the keywords of zero_bytes_per_rank and
+# of Chapter 3's training_state_bytes).
 # The ZeRO paper's mixed precision: fp16 weights and gradients, and K = 12 bytes of fp32 optimizer
 # state (a master copy of the weights, Adam's two moments).
-MIXED_PRECISION_ADAM = {"param_bytes": 2, "grad_bytes": 2, "optimizer_bytes": 12}
+MIXED_PRECISION_ADAM = {"weight_bytes": 2, "gradient_bytes": 2, "optimizer_bytes": 12}
 # This chapter's jobs: fp32 weights and gradients, AdamW's two fp32 moments, no master copy.
-FP32_ADAMW = {"param_bytes": 4, "grad_bytes": 4, "optimizer_bytes": 8}
+FP32_ADAMW = {"weight_bytes": 4, "gradient_bytes": 4, "optimizer_bytes": 8}
 
 ZERO_STAGES = {0: "DDP", 1: "ZeRO-1 (optimizer state sharded)", 2: "ZeRO-2 (+ gradients)",
-               3: "ZeRO-3 (+ parameters)"}
+               3: "ZeRO-3 (+ weights)"}
 
 
-def zero_bytes_per_rank(n_params: int, world_size: int, stage: int, param_bytes: float = 2,
-                        grad_bytes: float = 2, optimizer_bytes: float = 12) -> dict:
-    """Bytes of parameters, gradients and optimizer state that each of `world_size` data-parallel
+def zero_bytes_per_rank(n_params: int, world_size: int, stage: int, weight_bytes: float = 2,
+                        gradient_bytes: float = 2, optimizer_bytes: float = 12) -> MemoryBreakdown:
+    """Bytes of weights, gradients and optimizer state that each of `world_size` data-parallel
     ranks holds for a model of `n_params` parameters, under ZeRO `stage` 0 (plain data
-    parallelism), 1 (optimizer state sharded), 2 (and gradients) or 3 (and parameters).
-    Activations are not included. The defaults are the paper's mixed-precision Adam accounting,
-    2 + 2 + 12 bytes per parameter; pass **FP32_ADAMW for fp32 training with AdamW.
-    Returns {"params", "grads", "optimizer", "total"} in bytes."""
+    parallelism), 1 (optimizer state sharded), 2 (and gradients) or 3 (and weights).
+    Activations are not included (0). The defaults are the paper's mixed-precision Adam
+    accounting, 2 + 2 + 12 bytes per parameter; pass **FP32_ADAMW for fp32 training with AdamW."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"stage={stage!r}; ZeRO has stages {sorted(ZERO_STAGES)} "
                          "(0 = plain data parallelism, nothing sharded).")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer (data-parallel ranks).")
-    if n_params < 0 or min(param_bytes, grad_bytes, optimizer_bytes) < 0:
+    positive_int(world_size, "world_size")  # data-parallel ranks
+    if n_params < 0 or min(weight_bytes, gradient_bytes, optimizer_bytes) < 0:
         raise ValueError("n_params and the bytes per parameter must not be negative.")
 
     def held(bytes_per_param, sharded_from_stage):
         total = bytes_per_param * n_params
         return total / world_size if stage >= sharded_from_stage else float(total)
 
-    parts = {"params": held(param_bytes, 3), "grads": held(grad_bytes, 2),
-             "optimizer": held(optimizer_bytes, 1)}
-    parts["total"] = parts["params"] + parts["grads"] + parts["optimizer"]
-    return parts
+    return MemoryBreakdown(weights=held(weight_bytes, 3), gradients=held(gradient_bytes, 2),
+                           optimizer=held(optimizer_bytes, 1))
 
 
-def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None):
+def shard_gpt(model: GPT, mesh, reshard_after_forward: bool = True,
+              mp_policy: MixedPrecisionPolicy | None = None) -> GPT:
     """Apply FSDP2 to a GPT (or a pipeline stage of one) in place and return it: one FSDP unit per
     transformer block, then one for the root module, which takes what is left (embeddings, final
     norm, head). Each unit's parameters become DTensors sharded along dim 0 over `mesh`, the 1-D
@@ -69,8 +71,8 @@ def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedP
     root unit always keeps its weights until backward. `mp_policy` sets the compute dtypes."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError(f"shard_gpt expects our GPT (a module with a .blocks ModuleDict), got "
-                         f"{type(model).__name__}; call fully_shard yourself for other models.")
+        raise TypeError(f"shard_gpt expects our GPT (a module with a .blocks ModuleDict), got "
+                        f"{type(model).__name__}; call fully_shard yourself for other models.")
     if mesh.ndim != 1:
         raise ValueError(f"mesh has {mesh.ndim} dimensions {mesh.mesh_dim_names}; pass the 1-D "
                          "data-parallel sub-mesh, e.g. mesh['dp'].")
@@ -83,25 +85,25 @@ def shard_gpt(model, mesh, reshard_after_forward: bool = True, mp_policy: MixedP
     return model
 
 
-def state_bytes(model, optimizer=None) -> dict:
-    """This rank's share of the training state, in bytes: {"params", "grads", "optimizer"}.
-    The optimizer's part counts its state tensors except the step counters; for a
-    ZeroRedundancyOptimizer it is the local optimizer of this rank's partition."""
+def state_bytes(model: torch.nn.Module, optimizer=None) -> MemoryBreakdown:
+    """This rank's share of the training state, in bytes: weights, gradients, optimizer state
+    (activations are not counted: 0). The optimizer's part counts its state tensors except the step
+    counters; for a ZeroRedundancyOptimizer it is the local optimizer of this rank's partition."""
     params = list(model.parameters())
     inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps a local optimizer
     states = [] if inner is None else [value for state in inner.state.values()
                                        for key, value in state.items() if key != "step" and torch.is_tensor(value)]
-    return {"params": local_nbytes(params), "grads": local_nbytes(p.grad for p in params),
-            "optimizer": local_nbytes(states)}
+    return MemoryBreakdown(weights=local_nbytes(params), gradients=local_nbytes(p.grad for p in params),
+                           optimizer=local_nbytes(states))
 
 
-def unsharded_param_bytes(model) -> int:
-    """Bytes of the FSDP-sharded model's parameters that are gathered right now. While a unit is
+def _unsharded_weight_bytes(model: GPT) -> int:
+    """Bytes of the FSDP-sharded model's weights that are gathered right now. While a unit is
     gathered, FSDP2 registers its full weights as plain tensors in place of the sharded DTensors."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if not isinstance(p, DTensor))
 
 
-def count_collectives(step) -> dict:
+def _count_collectives(step) -> dict:
     """Call step() (e.g. one forward and backward pass) under CommDebugMode and count the
     collectives it issued, by kind: {"all_gather": n, "reduce_scatter": n, "all_reduce": n, ...}."""
     from torch.distributed.tensor.debug import CommDebugMode
@@ -123,7 +125,7 @@ def count_collectives(step) -> dict:
 
 def _compare(run, reference, max_abs_diff) -> dict:
     """Gather a sharded Run's tensors and compare them with the single-process reference."""
-    first_grads, final_params = full_tensors(run.first_grads), full_tensors(run.final_params)
+    first_grads, final_params = gather_dtensors(run.first_grads), gather_dtensors(run.final_params)
     return {"grad_diff": max_abs_diff(first_grads, reference.first_grads),
             "param_diff": max_abs_diff(final_params, reference.final_params)}
 
@@ -134,7 +136,7 @@ def _job(worker, args) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
-    from llmbook.data_parallel import (build_model, global_batches, lm_loss, max_abs_diff, sgd_steps, shard,
+    from llmbook.data_parallel import (build_model, global_batches, max_abs_diff, sgd_steps, shard,
                                        single_process_run, tiny_config)
 
     # The root unit returns the logits, a view of the head's matmul output; FSDP warns that an
@@ -165,11 +167,11 @@ def _job(worker, args) -> dict:
         gathered = {}
 
         def forward_backward():
-            loss = lm_loss(model, inputs, targets)
-            gathered["between"] = unsharded_param_bytes(model)
+            loss = model(inputs, targets)
+            gathered["between"] = _unsharded_weight_bytes(model)
             loss.backward()
 
-        counts = count_collectives(forward_backward)
+        counts = _count_collectives(forward_backward)
         mine[name].update(all_gathers=counts.get("all_gather", 0), reduce_scatters=counts.get("reduce_scatter", 0),
                           all_reduces=counts.get("all_reduce", 0), gathered_bytes=gathered["between"])
     # full and local shapes of every parameter (those of the last model built: the same for all variants)
@@ -186,14 +188,14 @@ def _job(worker, args) -> dict:
             model = DistributedDataParallel(build_model(config, seed=0).to(device))
             optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name == "ddp" else
                          ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3))
-        lm_loss(model, inputs, targets).backward()
+        model(inputs, targets).backward()
         optimizer.step()
         memory[name] = state_bytes(model, optimizer)
-    mine["memory"] = memory
+    mine["memory"] = {name: asdict(m) for name, m in memory.items()}  # JSON: the four fields
 
     rank_print(f"{mine['rows']} rows; max |grad - reference| ZeRO-3 {mine['zero3']['grad_diff']:.1e}, "
                f"ZeRO-2-like {mine['zero2']['grad_diff']:.1e}, bf16 {mine['bf16']['grad_diff']:.1e}; "
-               f"bytes held DDP {sum(memory['ddp'].values()):,}, FSDP {sum(memory['fsdp'].values()):,}")
+               f"bytes held DDP {memory['ddp'].total:,}, FSDP {memory['fsdp'].total:,}")
     everyone = from_every_rank(mine)
     return {"world_size": world_size, "steps": args.steps, "batch_size": args.batch_size,
             "n_params": sum(p.numel() for p in reference.final_params.values()),
@@ -202,7 +204,7 @@ def _job(worker, args) -> dict:
 
 def main(argv=None):
     """Train the tiny GPT with FSDP2 three ways (ZeRO-3, ZeRO-2-like, bf16 compute) and compare with
-    one process; count each variant's collectives; measure each rank's bytes of parameters,
+    one process; count each variant's collectives; measure each rank's bytes of weights,
     gradients and AdamW state under DDP, ZeRO-1 and FSDP."""
     parser = job_arguments(main.__doc__, steps=5, batch_size=8, lr=0.1)
     run_job(_job, parser.parse_args(argv))

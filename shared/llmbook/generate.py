@@ -6,7 +6,8 @@
 
 import torch
 
-from llmbook.model import KVCache
+from llmbook import eval_mode, positive_int
+from llmbook.model import GPT, KVCache
 
 __all__ = ["sample_next", "stream_tokens", "generate"]
 
@@ -26,8 +27,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                          "for one sequence use logits[None].")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy).")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be a positive number of tokens (or None).")
+    if top_k is not None:
+        positive_int(top_k, "top_k (a number of tokens, or None)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None).")
     if temperature == 0:
@@ -47,7 +48,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def stream_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   eos_id: int | None = None, generator: torch.Generator | None = None):
     """An iterator over the next token ids (B, 1), one step at a time, for prompts idx (B, T).
@@ -66,18 +67,16 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
 
 @torch.no_grad()
-def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, generator):
-    was_training = model.training
-    model.eval()
+def _decode(model: GPT, idx, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, generator):
     context = model.config.context_length
     cache = None
-    try:
+    with eval_mode(model):  # and back to the caller's mode, also when the stream is abandoned
         if use_cache and idx.size(1) < context and max_new_tokens > 0:
             # room for the prompt and every new token but the last, which is never fed back
             cache_len = min(context, idx.size(1) + max_new_tokens - 1)
             dtype = next(model.parameters()).dtype
             cache = KVCache(model.config, idx.size(0), cache_len, device=idx.device, dtype=dtype)
-            logits = model(idx, cache)[:, -1]
+            logits = model(idx, kv_cache=cache)[:, -1]
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             if cache is None:
@@ -92,14 +91,12 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, eo
             idx = torch.cat([idx, next_id], dim=1)
             if cache is not None:
                 if cache.length < cache.max_len:
-                    logits = model(next_id, cache)[:, -1]
+                    logits = model(next_id, kv_cache=cache)[:, -1]
                 else:
                     cache = None  # full: fall back to recomputing the cropped window
-    finally:
-        model.train(was_training)
 
 
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
              eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Continue prompts idx (B, T) by up to max_new_tokens tokens; returns (B, T + new).

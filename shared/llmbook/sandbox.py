@@ -25,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from llmbook import LLMBookError, positive_int
+
 __all__ = ["RUNNER_SOURCE", "UNSHARE_FLAGS", "NOBODY_UID", "SandboxUnavailableError", "Outcome",
            "namespaces_available", "SIGNAL_HINTS", "run_untrusted", "isolation_report"]
 
@@ -263,7 +265,7 @@ UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--net", "--pid", "--fo
 NOBODY_UID = 65534
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(LLMBookError, RuntimeError):
     """This platform cannot run untrusted code with even the minimal guarantees (e.g. Windows)."""
 
 
@@ -439,12 +441,12 @@ def run_untrusted(source: str, timeout: float = 3.0, memory_mb: int | None = 102
     seccomp: install the seccomp filter where the platform supports it (Linux x86_64/aarch64).
     """
     if not isinstance(source, str):
-        raise ValueError(f"source must be the program's text (str), got {type(source).__name__}.")
+        raise TypeError(f"source must be the program's text (str), got {type(source).__name__}.")
     if not timeout > 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds.")
     for name, value in (("memory_mb", memory_mb), ("max_file_mb", max_file_mb), ("cpu_seconds", cpu_seconds)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} must be a positive integer (or None for no limit).")
+        if value is not None:
+            positive_int(value, f"{name} (or None for no limit)")
     if max_processes < 1 or max_output < 0 or max_open_files < 8:
         raise ValueError("max_processes must be >= 1, max_output >= 0 and max_open_files >= 8 "
                          f"(got {max_processes}, {max_output}, {max_open_files}).")

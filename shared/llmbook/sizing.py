@@ -14,20 +14,24 @@ and DTensor tensor parallelism.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from llmbook import positive_int
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
+from llmbook.memory import (MemoryBreakdown, activation_memory, block_activation_bytes,
+                            local_tensor, measure_saved_tensors, norm_activation_bytes)
+from llmbook.model import GPTConfig
 from llmbook.pipeline import stage_blocks  # which blocks a stage holds, as the pipeline job splits them
+from llmbook.tensor_parallel import local_nbytes
 
 __all__ = ["GiB", "GB", "STEP_COUNTER_BYTES", "Precision", "FP32", "BF16", "Layout", "llama_like",
            "LLAMA_SHAPES", "llama_config", "parameter_shapes", "COLUMN_PARALLEL", "ROW_PARALLEL",
            "tensor_parallel_shape", "shard_rows", "fsdp_shard_numel", "stage_parameters",
            "block_activation_bytes_parallel", "korthikanti_parallel_layer_bytes",
            "in_flight_micro_batches", "MemoryEstimate", "estimate_memory", "GPU", "GPUS",
-           "HEADROOM_FRACTION", "HEADROOM_FIXED", "usable_bytes", "candidate_layouts", "min_gpus",
-           "measure_state_bytes", "saved_local_bytes", "measure_activation_bytes"]
+           "HEADROOM_FRACTION", "HEADROOM_FIXED", "usable_bytes", "candidate_layouts", "min_gpus"]
 
 
 # --- from ch04_distributed/06_memory_calculator.ipynb ---
@@ -43,18 +47,18 @@ class Precision:
 
     name: str
     weight_bytes: int      # the weights the forward pass reads
-    grad_bytes: int        # their gradients
+    gradient_bytes: int    # their gradients
     master_bytes: int      # an fp32 copy of the weights for the optimizer (0 when the weights are fp32)
     moment_bytes: int = 8  # Adam's two moments, exp_avg and exp_avg_sq, in fp32
     autocast: bool = False  # activations as under 16-bit autocast (residual stream and norms fp32)
 
     @property
     def bytes_per_param(self) -> int:
-        return self.weight_bytes + self.grad_bytes + self.master_bytes + self.moment_bytes
+        return self.weight_bytes + self.gradient_bytes + self.master_bytes + self.moment_bytes
 
 
-FP32 = Precision("fp32", weight_bytes=4, grad_bytes=4, master_bytes=0)
-BF16 = Precision("bf16 + fp32 master", weight_bytes=2, grad_bytes=2, master_bytes=4, autocast=True)
+FP32 = Precision("fp32", weight_bytes=4, gradient_bytes=4, master_bytes=0)
+BF16 = Precision("bf16 + fp32 master", weight_bytes=2, gradient_bytes=2, master_bytes=4, autocast=True)
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,8 @@ class Layout:
     vocab_parallel: bool = True
 
     def __post_init__(self):
-        for name in ("data", "tensor", "pipeline"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Layout.{name}={value!r} must be a positive integer (a parallel degree).")
+        for name in ("data", "tensor", "pipeline"):  # the parallel degrees
+            positive_int(getattr(self, name), f"Layout.{name}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Layout.zero={self.zero!r}; ZeRO has stages 0 (DDP), 1, 2 and 3 (FSDP).")
         if self.sequence_parallel and self.tensor == 1:
@@ -105,10 +107,8 @@ class Layout:
 
 
 def llama_like(*, vocab_size: int, context_length: int, n_layer: int, n_head: int, d_model: int,
-               d_ff: int, n_kv_head: int | None = None):
+               d_ff: int, n_kv_head: int | None = None) -> GPTConfig:
     """Our GPTConfig with LLaMA's choices: RoPE, RMSNorm, SwiGLU, no biases, an untied head."""
-    from llmbook.model import GPTConfig
-
     return GPTConfig(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer,
                      n_head=n_head, n_kv_head=n_kv_head, d_model=d_model, d_ff=d_ff,
                      pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_weights=False)
@@ -128,14 +128,14 @@ LLAMA_SHAPES = {
 }
 
 
-def llama_config(size: str):
+def llama_config(size: str) -> GPTConfig:
     """GPTConfig of "1B", "7B" or "70B" (see LLAMA_SHAPES)."""
     if size not in LLAMA_SHAPES:
         raise ValueError(f"Unknown size {size!r}; choose one of {sorted(LLAMA_SHAPES)}.")
     return llama_like(**LLAMA_SHAPES[size]["config"])
 
 
-def parameter_shapes(config) -> dict:
+def parameter_shapes(config: GPTConfig) -> dict:
     """{name: shape} of every parameter of llmbook.model.GPT(config), in named_parameters() order,
     without building the model (a tied head shares the embedding's tensor and is not listed)."""
     d, f, V = config.d_model, config.d_ff, config.vocab_size
@@ -217,7 +217,7 @@ def fsdp_shard_numel(shape: tuple, world: int, rank: int, padded: bool = False) 
     return shard_rows(shape[0], world, rank, padded) * rest
 
 
-def stage_parameters(config, stage: int, pipeline: int) -> dict:
+def stage_parameters(config: GPTConfig, stage: int, pipeline: int) -> dict:
     """{name: shape} of the parameters pipeline stage `stage` holds: its blocks, the embeddings on
     the first stage, the final norm and the head on the last (a tied head: a copy on the last stage)."""
     layers = stage_blocks(config.n_layer, stage, pipeline)
@@ -237,15 +237,7 @@ def stage_parameters(config, stage: int, pipeline: int) -> dict:
     return kept
 
 
-def _norm_bytes(config, tokens: int) -> int:
-    # as llmbook.memory: the fp32 input and per-token statistics (RMSNorm also keeps x / rms)
-    d = config.d_model
-    if config.norm == "rmsnorm":
-        return 2 * tokens * d * 4 + tokens * 4
-    return tokens * d * 4 + 2 * tokens * 4
-
-
-def _check_tensor_degree(config, tensor: int, seq_len: int, sequence_parallel: bool):
+def _check_tensor_degree(config: GPTConfig, tensor: int, seq_len: int, sequence_parallel: bool):
     for what, size in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("d_ff", config.d_ff)):
         if size % tensor:
             raise ValueError(f"{what}={size} is not divisible by tensor={tensor}: every tensor-parallel "
@@ -255,8 +247,9 @@ def _check_tensor_degree(config, tensor: int, seq_len: int, sequence_parallel: b
                          "gives every rank an equal slice of the sequence.")
 
 
-def block_activation_bytes_parallel(config, batch_size: int, seq_len: int, autocast: bool = False,
-                                    tensor: int = 1, sequence_parallel: bool = False) -> int:
+def block_activation_bytes_parallel(config: GPTConfig, batch_size: int, seq_len: int,
+                                    autocast: bool = False, tensor: int = 1,
+                                    sequence_parallel: bool = False) -> int:
     """Bytes one block keeps for backward on one of `tensor` tensor-parallel ranks.
 
     Chapter 3's block_activation_bytes, split in three. Work on heads and on the MLP's hidden
@@ -266,8 +259,6 @@ def block_activation_bytes_parallel(config, batch_size: int, seq_len: int, autoc
     tensor rank, unless sequence_parallel splits them along the sequence (then also divided by t,
     as in Korthikanti et al., 2022). RoPE's cos/sin tables and a naive causal mask stay whole.
     """
-    from llmbook.memory import block_activation_bytes
-
     full = block_activation_bytes(config, batch_size, seq_len, autocast)
     if tensor == 1:
         return full
@@ -277,7 +268,8 @@ def block_activation_bytes_parallel(config, batch_size: int, seq_len: int, autoc
     mlp_inputs = 2 if config.mlp == "swiglu" else 1
     # fp32: the linears of a group share one input; autocast: each keeps its own 16-bit copy
     linear_inputs = N * d * (2 * (3 + mlp_inputs) if autocast else 2 * 4)
-    token_wide = 2 * _norm_bytes(config, N) + linear_inputs + (2 * N * d * c if config.dropout > 0 else 0)
+    token_wide = 2 * norm_activation_bytes(config, N) + linear_inputs
+    token_wide += 2 * N * d * c if config.dropout > 0 else 0  # the residual dropout masks
     fixed = 4 * T * (config.head_dim // 2) * 4 if config.pos_encoding == "rope" else 0
     fixed += T * T if config.attention == "naive" else 0
     split = full - token_wide - fixed
@@ -308,22 +300,19 @@ def in_flight_micro_batches(stage: int, pipeline: int, micro_batches: int | None
     """
     if schedule not in ("1f1b", "gpipe"):
         raise ValueError(f"schedule={schedule!r}; choose '1f1b' or 'gpipe'.")
-    m = pipeline if micro_batches is None else micro_batches
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"micro_batches={micro_batches!r} must be a positive integer or None.")
+    m = pipeline if micro_batches is None else positive_int(micro_batches, "micro_batches")
     return m if schedule == "gpipe" else min(pipeline - stage, m)
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes one GPU holds during a training step, by component (see estimate_memory)."""
+class MemoryEstimate(MemoryBreakdown):
+    """Bytes one GPU holds during a training step, by component (see estimate_memory): Chapter 3's
+    MemoryBreakdown -- this GPU's share of the weights the forward pass reads, of their gradients,
+    of the optimizer state (fp32 master weights if any, Adam's two moments and step counters), and
+    the activations saved for every micro-batch the stage holds in flight -- plus transient buffers."""
 
-    weights: int      # this GPU's share of the weights the forward pass reads
-    gradients: int    # its share of their gradients
-    optimizer: int    # fp32 master weights (if any), Adam's two moments, Adam's step counters
-    activations: int  # saved for backward, for every micro-batch the stage holds in flight
-    transient: int    # ZeRO-3's gathered weights and gradients; checkpointing's recomputed block
-    stage: int = 0    # the pipeline stage these numbers are for
+    transient: int = 0  # ZeRO-3's gathered weights and gradients; checkpointing's recomputed block
+    stage: int = 0      # the pipeline stage these numbers are for
     in_flight: int = 1
 
     @property
@@ -332,7 +321,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.transient
+        return super().total + self.transient
 
     def components(self) -> dict:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
@@ -342,7 +331,7 @@ class MemoryEstimate:
 _LOCAL_SHAPES = {}
 
 
-def _local_shapes(config, stage, pipeline, tensor, vocab_parallel) -> dict:
+def _local_shapes(config: GPTConfig, stage, pipeline, tensor, vocab_parallel) -> dict:
     """{name: shape on this rank} of a stage's parameters after the tensor-parallel split (memoised:
     a search over layouts asks for the same few thousand shapes again and again)."""
     key = (repr(config), stage, pipeline, tensor, vocab_parallel)
@@ -352,10 +341,8 @@ def _local_shapes(config, stage, pipeline, tensor, vocab_parallel) -> dict:
     return _LOCAL_SHAPES[key]
 
 
-def _stage_activations(config, layout, stage, batch_size, seq_len, precision, checkpoint):
+def _stage_activations(config: GPTConfig, layout, stage, batch_size, seq_len, precision, checkpoint):
     """(bytes saved per micro-batch, recompute bytes) on `stage`, for one tensor-parallel rank."""
-    from llmbook.memory import activation_memory
-
     t, sp, p = layout.tensor, layout.sequence_parallel, layout.pipeline
     B, T, N, d, V = batch_size, seq_len, batch_size * seq_len, config.d_model, config.vocab_size
     autocast, c = precision.autocast, (2 if precision.autocast else 4)
@@ -371,7 +358,7 @@ def _stage_activations(config, layout, stage, batch_size, seq_len, precision, ch
     vocab_local = math.ceil(V / t) if layout.vocab_parallel else V
     if stage == p - 1:
         logits = N * V * 4
-        token_wide = _norm_bytes(config, N) + N * d * c  # final norm, the head's input
+        token_wide = norm_activation_bytes(config, N) + N * d * c  # final norm, the head's input
         head = whole.head - logits + N * vocab_local * 4
         saved += head - (token_wide - token_wide // t if sp else 0)
     if autocast and precision.weight_bytes == 4:
@@ -383,7 +370,7 @@ def _stage_activations(config, layout, stage, batch_size, seq_len, precision, ch
     return saved, (per_block if checkpoint else 0)
 
 
-def estimate_memory(config, layout: Layout = Layout(), *, micro_batch_size: int = 1,
+def estimate_memory(config: GPTConfig, layout: Layout = Layout(), *, micro_batch_size: int = 1,
                     seq_len: int | None = None, precision: Precision = BF16, checkpoint: bool = False,
                     micro_batches: int | None = None, schedule: str = "1f1b", stage: int | None = None,
                     data_rank: int = 0) -> MemoryEstimate:
@@ -399,8 +386,7 @@ def estimate_memory(config, layout: Layout = Layout(), *, micro_batch_size: int 
     stage=None reports the pipeline stage with the largest total (the first or the last).
     """
     seq_len = config.context_length if seq_len is None else seq_len
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive integer.")
+    positive_int(micro_batch_size, "micro_batch_size")
     if not 0 <= data_rank < layout.data:
         raise ValueError(f"data_rank={data_rank} is out of range for data degree {layout.data}.")
     _check_tensor_degree(config, layout.tensor, seq_len, layout.sequence_parallel)
@@ -418,15 +404,15 @@ def estimate_memory(config, layout: Layout = Layout(), *, micro_batch_size: int 
     state_bytes = precision.master_bytes + precision.moment_bytes
     if zero == 3:
         shard = sum(fsdp_shard_numel(shape, d, data_rank) for shape in local.values())
-        weights, gradients = shard * precision.weight_bytes, shard * precision.grad_bytes
+        weights, gradients = shard * precision.weight_bytes, shard * precision.gradient_bytes
         optimizer = shard * state_bytes + len(local) * STEP_COUNTER_BYTES
     elif zero in (1, 2):
         flat_shard = math.ceil(numel / d)
         weights = numel * precision.weight_bytes
-        gradients = (flat_shard if zero == 2 else numel) * precision.grad_bytes
+        gradients = (flat_shard if zero == 2 else numel) * precision.gradient_bytes
         optimizer = flat_shard * state_bytes + STEP_COUNTER_BYTES
     else:
-        weights, gradients = numel * precision.weight_bytes, numel * precision.grad_bytes
+        weights, gradients = numel * precision.weight_bytes, numel * precision.gradient_bytes
         optimizer = numel * state_bytes + len(local) * STEP_COUNTER_BYTES
 
     per_micro_batch, recompute = _stage_activations(config, layout, stage, micro_batch_size, seq_len,
@@ -444,9 +430,9 @@ def estimate_memory(config, layout: Layout = Layout(), *, micro_batch_size: int 
         root = units.pop("root", 0)
         largest_block = max(units.values(), default=0)
         transient += (root + 2 * largest_block) * precision.weight_bytes
-        transient += max(root, largest_block) * precision.grad_bytes
-    return MemoryEstimate(weights, gradients, optimizer, in_flight * per_micro_batch, transient,
-                          stage, in_flight)
+        transient += max(root, largest_block) * precision.gradient_bytes
+    return MemoryEstimate(weights, gradients, optimizer, activations=in_flight * per_micro_batch,
+                          transient=transient, stage=stage, in_flight=in_flight)
 
 
 @dataclass(frozen=True)
@@ -480,7 +466,7 @@ def usable_bytes(gpu: GPU, fraction: float = HEADROOM_FRACTION, fixed: int = HEA
     return int(gpu.memory_gib * GiB * (1 - fraction)) - fixed
 
 
-def candidate_layouts(config, gpus: int, max_tensor: int = 8):
+def candidate_layouts(config: GPTConfig, gpus: int, max_tensor: int = 8):
     """Every Layout of exactly `gpus` GPUs with t a power of two up to max_tensor (one node's
     NVLink domain) dividing the heads, p a power of two up to n_layer, ZeRO 0-3 (0 only if d = 1),
     and sequence parallelism whenever t > 1."""
@@ -497,7 +483,7 @@ def candidate_layouts(config, gpus: int, max_tensor: int = 8):
         tensor *= 2
 
 
-def min_gpus(config, gpu: GPU, *, max_gpus: int = 1024, **workload):
+def min_gpus(config: GPTConfig, gpu: GPU, *, max_gpus: int = 1024, **workload):
     """The fewest GPUs (a power of two) of type `gpu` that can train GPT(config), and how:
     returns (layout, estimate) or None if not even max_gpus suffice. `workload` goes to
     estimate_memory (micro_batch_size, seq_len, precision, checkpoint). Among the layouts that
@@ -516,58 +502,31 @@ def min_gpus(config, gpu: GPU, *, max_gpus: int = 1024, **workload):
     return None
 
 
-def _local(tensor):
-    """A DTensor's local shard (what this rank stores), a plain tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _exact_and_stored(tensors) -> tuple:
-    """(sum of numel * element_size, sum of the distinct storages' sizes) of local tensors. The
-    second includes padding and whole buffers that the tensors are views of."""
-    exact, storages = 0, {}
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind local tensors: padding included, and whole buffers
+    that the tensors are views of."""
+    storages = {}
     for tensor in tensors:
-        local = _local(tensor)
-        exact += local.numel() * local.element_size()
-        storage = local.untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-    return exact, sum(storages.values())
+    return sum(storages.values())
 
 
-def measure_state_bytes(model, optimizer) -> dict:
-    """This rank's weights, gradients and optimizer state in bytes, counted tensor by tensor:
-    {"weights", "gradients", "optimizer"} (numel * element_size of the local shards, Adam's step
-    counters included) and the same three with a "_stored" suffix (distinct storages' bytes)."""
-    params = list(model.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
-    states = [value for state in optimizer.state.values() for value in state.values()
-              if isinstance(value, torch.Tensor)]
-    result = {}
-    for name, tensors in (("weights", params), ("gradients", grads), ("optimizer", states)):
-        result[name], result[name + "_stored"] = _exact_and_stored(tensors)
-    return result
+def _measure_state_bytes(model: torch.nn.Module, optimizer) -> tuple:
+    """This rank's weights, gradients and optimizer state in bytes, counted tensor by tensor, as two
+    MemoryBreakdowns (activations 0): numel * element_size of the local shards (Adam's step counters
+    included), and the bytes of the distinct storages behind them."""
+    weights = list(model.parameters())
+    gradients = [w.grad for w in weights if w.grad is not None]
+    optimizer_state = [value for state in optimizer.state.values() for value in state.values()
+                       if isinstance(value, torch.Tensor)]
+    counted = MemoryBreakdown(local_nbytes(weights), local_nbytes(gradients), local_nbytes(optimizer_state))
+    stored = MemoryBreakdown(_storage_bytes(weights), _storage_bytes(gradients), _storage_bytes(optimizer_state))
+    return counted, stored
 
 
-def saved_local_bytes(fn, exclude=()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn() runs, storages of the
-    tensors in `exclude` (the weights) not counted: Chapter 3's measure_saved_tensors, except that a
-    DTensor counts the storage of its local shard (a DTensor is a wrapper with no storage of its own)."""
-    excluded = {_local(t).untyped_storage().data_ptr() for t in exclude}
-    held = {}  # storage address -> storage, kept alive so that no address is reused meanwhile
-
-    def pack(tensor):
-        with torch.no_grad():
-            storage = _local(tensor).untyped_storage()
-        if storage.data_ptr() not in excluded:
-            held.setdefault(storage.data_ptr(), storage)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storage.nbytes() for storage in held.values())
-
-
-def measure_activation_bytes(model, inputs, targets) -> int:
-    """Bytes autograd saves for backward in one training forward pass of lm_loss, weights excluded.
+def _measure_activation_bytes(model: torch.nn.Module, inputs, targets) -> int:
+    """Bytes autograd saves for backward in one training forward pass of the model's loss, weights excluded.
 
     Under FSDP2 the forward pass computes with gathered full weights that FSDP frees after it and
     gathers again for backward; they are weights, not activations. We gather them first and keep
@@ -575,17 +534,18 @@ def measure_activation_bytes(model, inputs, targets) -> int:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    from llmbook.data_parallel import lm_loss
 
     fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in fsdp_units:
         unit.unshard()
         unit.set_reshard_after_forward(False)
     model.train()
-    saved = saved_local_bytes(lambda: lm_loss(model, inputs, targets), exclude=list(model.parameters()))
+    # Chapter 3's measurement, which counts a DTensor by its local shard; [1] is its report (the loss
+    # and its graph are dropped at once)
+    saved = measure_saved_tensors(lambda: model(inputs, targets), exclude=list(model.parameters()))[1]
     for unit in fsdp_units:
         unit.reshard()
-    return saved
+    return saved.total_bytes
 
 
 def _job(worker, args) -> dict:
@@ -594,7 +554,7 @@ def _job(worker, args) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from llmbook.data_parallel import build_model, global_batches, lm_loss, shard, tiny_config
+    from llmbook.data_parallel import build_model, global_batches, shard, tiny_config
     from llmbook.tensor_parallel import apply_dtensor_parallel
 
     rank, world_size = worker.rank, worker.world_size
@@ -626,24 +586,25 @@ def _job(worker, args) -> dict:
         else:
             apply_dtensor_parallel(model, init_device_mesh(worker.device.type, (world_size,)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        lm_loss(model, inputs, targets).backward()
+        model(inputs, targets).backward()
         optimizer.step()
-        measured = measure_state_bytes(model, optimizer)
-        measured["activations"] = measure_activation_bytes(model, inputs, targets)
-        if kind.startswith("ddp"):  # DDP's communication buckets: by default a second copy of the gradients
-            logged = model._get_ddp_logging_data()
-            measured["ddp_bucket_bytes"] = sum(int(b) for b in str(logged["bucket_sizes"]).split(",") if b)
+        counted, stored = _measure_state_bytes(model, optimizer)
+        measured = replace(counted, activations=_measure_activation_bytes(model, inputs, targets))
         layout = layouts[kind]
         predicted = estimate_memory(config, layout, micro_batch_size=len(inputs), seq_len=config.context_length,
                                     precision=FP32, data_rank=rank if layout.data > 1 else 0)
-        mine[name] = {"measured": measured, "predicted": predicted.components(), "layout": layout.describe(),
-                      "rows": len(inputs)}
+        # measured and predicted: the fields of one MemoryBreakdown (the prediction adds transient buffers)
+        mine[name] = {"measured": asdict(measured), "stored": asdict(stored), "predicted": predicted.components(),
+                      "layout": layout.describe(), "rows": len(inputs)}
+        if kind.startswith("ddp"):  # DDP's communication buckets: by default a second copy of the gradients
+            logged = model._get_ddp_logging_data()
+            mine[name]["ddp_bucket_bytes"] = sum(int(b) for b in str(logged["bucket_sizes"]).split(",") if b)
         if kind == "fsdp":  # what FSDP2 allocates: every rank's shard padded to ceil(rows / world_size) rows
             mine[name]["padded_weights"] = 4 * sum(fsdp_shard_numel(s, world_size, rank, padded=True)
                                                    for s in parameter_shapes(config).values())
-        rank_print(f"{name:17s} weights {measured['weights']:>7,} B (predicted {predicted.weights:>7,}), "
-                   f"optimizer {measured['optimizer']:>9,} B (predicted {predicted.optimizer:>9,}), "
-                   f"activations {measured['activations']:>9,} B (predicted {predicted.activations:>9,})")
+        rank_print(f"{name:17s} weights {measured.weights:>7,} B (predicted {predicted.weights:>7,}), "
+                   f"optimizer {measured.optimizer:>9,} B (predicted {predicted.optimizer:>9,}), "
+                   f"activations {measured.activations:>9,} B (predicted {predicted.activations:>9,})")
         del model, optimizer
     everyone = from_every_rank(mine)
     return {"world_size": world_size, "batch_size": args.batch_size, "ranks": everyone}

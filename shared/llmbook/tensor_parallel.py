@@ -8,6 +8,8 @@ functions, f and g, and a function that shards a GPT in place), then with PyTorc
 (`tensor_parallel_plan`, `apply_dtensor_parallel`). `main()` is the torchrun job of
 ch04_distributed/02_tensor_parallel.ipynb: it checks both against one process on the same batch."""
 
+from dataclasses import asdict
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,25 +18,24 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
+from llmbook import positive_int
 from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
-from llmbook.model import CausalSelfAttention, MLP
+from llmbook.memory import MemoryBreakdown, local_tensor, measure_saved_tensors
+from llmbook.model import CausalSelfAttention, GPT, GPTConfig, MLP
 
 __all__ = ["check_tensor_parallel_size", "sublayer_linears", "split_linear", "shard_sublayer_",
            "CopyToTensorParallel", "ReduceFromTensorParallel", "copy_to_tensor_parallel",
-           "reduce_from_tensor_parallel", "TensorParallelSublayer", "shard_gpt_", "gather_full",
-           "tensor_parallel_comm_per_step", "by_hand_run", "tensor_parallel_plan",
-           "apply_dtensor_parallel", "full_tensors", "local_nbytes", "sequence_parallel_plan",
-           "apply_sequence_parallel", "dtensor_run", "memory_per_rank"]
+           "reduce_from_tensor_parallel", "TensorParallelSublayer", "shard_gpt_",
+           "tensor_parallel_comm_per_step", "tensor_parallel_plan", "apply_dtensor_parallel",
+           "gather_dtensors", "local_nbytes", "sequence_parallel_plan", "apply_sequence_parallel"]
 
 
 # --- from ch04_distributed/02_tensor_parallel.ipynb ---
 
-def check_tensor_parallel_size(config, world_size: int) -> None:
+def check_tensor_parallel_size(config: GPTConfig, world_size: int) -> None:
     """Raise ValueError unless `config`'s query heads, key/value heads and MLP width split evenly
     over `world_size` ranks (each rank must hold whole heads and an equal slice of the MLP)."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer (ranks in the "
-                         "tensor-parallel group).")
+    positive_int(world_size, "world_size")  # ranks in the tensor-parallel group
     uneven = [f"{name}={value}" for name, value in (("n_head", config.n_head),
               ("n_kv_head", config.n_kv_head), ("d_ff", config.d_ff)) if value % world_size]
     if uneven:
@@ -56,8 +57,8 @@ def sublayer_linears(sublayer) -> tuple:
         return ("q_proj", "k_proj", "v_proj"), "out_proj"
     if isinstance(sublayer, MLP):
         return (("gate_proj", "up_proj"), "down_proj") if sublayer.kind == "swiglu" else (("fc",), "proj")
-    raise ValueError(f"Expected a CausalSelfAttention or an MLP of llmbook.model, got "
-                     f"{type(sublayer).__name__}.")
+    raise TypeError(f"Expected a CausalSelfAttention or an MLP of llmbook.model, got "
+                    f"{type(sublayer).__name__}.")
 
 
 def split_linear(linear: nn.Linear, dim: int, rank: int, world_size: int) -> nn.Linear:
@@ -169,7 +170,7 @@ class TensorParallelSublayer(nn.Module):
         return total if self.bias is None else total + self.bias
 
 
-def shard_gpt_(model, rank: int, world_size: int, group=None, counter=None) -> dict:
+def shard_gpt_(model: GPT, rank: int, world_size: int, group=None, counter=None) -> dict:
     """Shard a GPT in place for tensor parallelism by hand and return its layout.
 
     Every rank builds the same full model (same seed) and calls this with its own rank: each
@@ -177,7 +178,7 @@ def shard_gpt_(model, rank: int, world_size: int, group=None, counter=None) -> d
     heads, each MLP d_ff / world_size hidden units, and both are wrapped in a
     TensorParallelSublayer. Embeddings, norms and the head stay replicated. The layout maps every
     parameter name of the sharded model to (its name in the full GPT, the dim its shards are
-    concatenated along, or None if replicated); gather_full uses it."""
+    concatenated along, or None if replicated); _gather_full uses it."""
     check_tensor_parallel_size(model.config, world_size)
     layout = {}
     for index, block in model.blocks.items():
@@ -199,7 +200,7 @@ def shard_gpt_(model, rank: int, world_size: int, group=None, counter=None) -> d
     return {name: layout.get(name, (name, None)) for name in names}
 
 
-def gather_full(tensors: dict, layout: dict, group=None) -> dict:
+def _gather_full(tensors: dict, layout: dict, group=None) -> dict:
     """Full (unsharded) tensors keyed by the full GPT's parameter names, from this rank's
     {sharded name: local tensor} (parameters or gradients), by all-gathering every sharded tensor
     along its dim. A collective: every rank of `group` must call it with the same names."""
@@ -217,7 +218,7 @@ def gather_full(tensors: dict, layout: dict, group=None) -> dict:
     return full
 
 
-def tensor_parallel_comm_per_step(config, batch_size: int, seq_len: int, element_size: int = 4) -> tuple:
+def tensor_parallel_comm_per_step(config: GPTConfig, batch_size: int, seq_len: int, element_size: int = 4) -> tuple:
     """(all-reduce calls, bytes sent into them) per training step of tensor parallelism by hand,
     on each rank: per block, g in the forward pass and f in the backward pass of both the
     attention and the MLP, each on a (batch, seq_len, d_model) activation."""
@@ -225,14 +226,14 @@ def tensor_parallel_comm_per_step(config, batch_size: int, seq_len: int, element
     return calls, calls * batch_size * seq_len * config.d_model * element_size
 
 
-def by_hand_run(config, batches, lr: float, rank: int, world_size: int, device="cpu") -> tuple:
+def _by_hand_run(config: GPTConfig, batches, lr: float, rank: int, world_size: int, device="cpu") -> tuple:
     """This rank's part of tensor parallelism by hand, on the seed-0 GPT of data_parallel.build_model:
     the logits of the first batch, then len(batches) SGD steps on the whole global batches.
 
     Returns (logits, run, comm): `run` is a data_parallel.Run of full tensors under the full GPT's
     names (gathered from all ranks: a collective), `comm` the all-reduces that f and g counted --
     in one forward pass, in its backward pass, and per training step (calls and bytes)."""
-    from llmbook.data_parallel import CommCounter, Run, build_model, lm_loss, sgd_steps
+    from llmbook.data_parallel import CommCounter, Run, build_model, sgd_steps
 
     counter = CommCounter()
     model = build_model(config, seed=0).to(device)
@@ -241,18 +242,18 @@ def by_hand_run(config, batches, lr: float, rank: int, world_size: int, device="
     with torch.no_grad():
         logits = model(inputs)
     counter.calls = counter.bytes = 0
-    loss = lm_loss(model, inputs, targets)
+    loss = model(inputs, targets)
     forward_calls = counter.calls
     loss.backward()
     comm = {"forward_calls": forward_calls, "backward_calls": counter.calls - forward_calls}
     counter.calls = counter.bytes = 0
     run = sgd_steps(model, batches, lr)  # zeroes the gradients of the pass above first
     comm.update(calls=counter.calls // len(batches), bytes=counter.bytes // len(batches))
-    return logits, Run(run.losses, gather_full(run.first_grads, layout),
-                       gather_full(run.final_params, layout)), comm
+    return logits, Run(run.losses, _gather_full(run.first_grads, layout),
+                       _gather_full(run.final_params, layout)), comm
 
 
-def tensor_parallel_plan(model) -> dict:
+def tensor_parallel_plan(model: GPT) -> dict:
     """parallelize_module's plan for a GPT of llmbook.model: for every block present, the
     attention's q/k/v and the MLP's fc (or gate/up) ColwiseParallel, the attention's out_proj and
     the MLP's proj (or down) RowwiseParallel. Embeddings, norms and the head are not in the plan:
@@ -267,14 +268,14 @@ def tensor_parallel_plan(model) -> dict:
     return plan
 
 
-def _check_mesh(model, tp_mesh) -> None:
+def _check_mesh(model: GPT, tp_mesh) -> None:
     if tp_mesh.ndim != 1:
         raise ValueError(f"tp_mesh has {tp_mesh.ndim} dimensions; pass the tensor-parallel one, "
                          "e.g. mesh['tp'] of a 2-D mesh.")
     check_tensor_parallel_size(model.config, tp_mesh.size())
 
 
-def apply_dtensor_parallel(model, tp_mesh):
+def apply_dtensor_parallel(model: GPT, tp_mesh) -> GPT:
     """Tensor-parallelise a GPT in place with DTensor over the 1-D device mesh `tp_mesh` (plan:
     tensor_parallel_plan) and return it. Raises ValueError, before touching the model, when
     n_head, n_kv_head or d_ff is not divisible by the mesh size."""
@@ -282,10 +283,10 @@ def apply_dtensor_parallel(model, tp_mesh):
     return parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
 
 
-def full_tensors(tensors: dict) -> dict:
+def gather_dtensors(tensors: dict) -> dict:
     """{name: full tensor on the CPU} from {name: tensor or DTensor}. A DTensor is gathered from its
     shards with full_tensor(), a collective: every rank of its mesh must call this with the same
-    names in the same order."""
+    names in the same order. (_gather_full does the same for our sharding by hand.)"""
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
             for name, t in tensors.items()}
 
@@ -296,12 +297,12 @@ def local_nbytes(tensors) -> int:
     for t in tensors:
         if t is None:
             continue
-        local = t.to_local() if isinstance(t, DTensor) else t
+        local = local_tensor(t)
         total += local.numel() * local.element_size()
     return total
 
 
-def sequence_parallel_plan(model, vocab_parallel_head: bool = False) -> dict:
+def sequence_parallel_plan(model: GPT, vocab_parallel_head: bool = False) -> dict:
     """tensor_parallel_plan plus sequence parallelism (Korthikanti et al., 2022): between the
     sublayers the residual stream is split along the sequence (Shard(1)), so norms and residual
     additions hold 1/W of the tokens; all-gathers bring the full sequence into each sublayer and
@@ -332,7 +333,7 @@ def sequence_parallel_plan(model, vocab_parallel_head: bool = False) -> dict:
     return plan
 
 
-def apply_sequence_parallel(model, tp_mesh, vocab_parallel_head: bool = False):
+def apply_sequence_parallel(model: GPT, tp_mesh, vocab_parallel_head: bool = False) -> GPT:
     """Like apply_dtensor_parallel, with sequence_parallel_plan (the model must be a whole GPT:
     it needs its final norm and head)."""
     _check_mesh(model, tp_mesh)
@@ -342,8 +343,9 @@ def apply_sequence_parallel(model, tp_mesh, vocab_parallel_head: bool = False):
     return parallelize_module(model, tp_mesh, sequence_parallel_plan(model, vocab_parallel_head))
 
 
-def dtensor_run(config, batches, lr: float, tp_mesh, device="cpu", sequence_parallel: bool = False) -> tuple:
-    """by_hand_run's counterpart with DTensor: apply_dtensor_parallel (or, with sequence_parallel,
+def _dtensor_run(config: GPTConfig, batches, lr: float, tp_mesh, device="cpu",
+                 sequence_parallel: bool = False) -> tuple:
+    """_by_hand_run's counterpart with DTensor: apply_dtensor_parallel (or, with sequence_parallel,
     apply_sequence_parallel with a vocabulary-parallel head and loss_parallel) on the seed-0 GPT.
     Returns (logits, run, comm) with full tensors; `comm` holds the collectives that
     torch.distributed.tensor.debug.CommDebugMode counted in a forward pass and in a training step."""
@@ -352,7 +354,7 @@ def dtensor_run(config, batches, lr: float, tp_mesh, device="cpu", sequence_para
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from llmbook.data_parallel import Run, build_model, lm_loss, sgd_steps
+    from llmbook.data_parallel import Run, build_model, sgd_steps
 
     model = build_model(config, seed=0).to(device)
     if sequence_parallel:
@@ -365,7 +367,7 @@ def dtensor_run(config, batches, lr: float, tp_mesh, device="cpu", sequence_para
     with CommDebugMode() as forward_comm, torch.no_grad():
         logits = model(inputs)
     with CommDebugMode() as step_comm, loss_context():
-        lm_loss(model, inputs, targets).backward()
+        model(inputs, targets).backward()
     with loss_context():
         run = sgd_steps(model, batches, lr)
     if isinstance(logits, DTensor):
@@ -375,30 +377,28 @@ def dtensor_run(config, batches, lr: float, tp_mesh, device="cpu", sequence_para
         return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
 
     comm = {"forward": counts(forward_comm), "step": counts(step_comm)}
-    return logits, Run(run.losses, full_tensors(run.first_grads), full_tensors(run.final_params)), comm
+    return logits, Run(run.losses, gather_dtensors(run.first_grads), gather_dtensors(run.final_params)), comm
 
 
-def memory_per_rank(model, inputs, targets) -> dict:
-    """Bytes this rank holds for one training step of `model` with AdamW: parameters, gradients,
+def _memory_per_rank(model: nn.Module, inputs, targets) -> MemoryBreakdown:
+    """Bytes this rank holds for one training step of `model` with AdamW: weights, gradients,
     the optimizer's two moments, and the activations one forward pass saves for backward
-    (llmbook.memory.measure_saved_tensors, parameters excluded). Local shards only. Activations
-    are None for a DTensor model: its autograd saves DTensors, wrappers whose storage the hook
-    cannot read. Takes an AdamW step: use a throwaway model."""
-    from llmbook.data_parallel import lm_loss
-    from llmbook.memory import measure_saved_tensors
+    (llmbook.memory.measure_saved_tensors, weights excluded). Local shards only. Activations
+    are None (not measured) for a DTensor model: the chapter's memory calculator measures those.
+    Takes an AdamW step: use a throwaway model."""
 
     params = list(model.parameters())
     if any(isinstance(p, DTensor) for p in params):
-        loss, activations = lm_loss(model, inputs, targets), None
+        loss, activations = model(inputs, targets), None
     else:
-        loss, saved = measure_saved_tensors(lambda: lm_loss(model, inputs, targets), exclude=params)
+        loss, saved = measure_saved_tensors(lambda: model(inputs, targets), exclude=params)
         activations = saved.total_bytes
     loss.backward()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     optimizer.step()
     moments = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
-    return {"parameters": local_nbytes(params), "gradients": local_nbytes(p.grad for p in params),
-            "optimizer": local_nbytes(moments), "activations": activations}
+    return MemoryBreakdown(weights=local_nbytes(params), gradients=local_nbytes(p.grad for p in params),
+                           optimizer=local_nbytes(moments), activations=activations)
 
 
 def _job(worker, args) -> dict:
@@ -410,7 +410,7 @@ def _job(worker, args) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from llmbook.data_parallel import (CommCounter, build_model, counting_allreduce_hook, global_batches,
-                                       lm_loss, max_abs_diff, sgd_steps, shard, tiny_config)
+                                       max_abs_diff, sgd_steps, shard, tiny_config)
 
     # CommDebugMode's module hooks warn that a block input needs no gradient, and the pitfall below
     # uses a function torch has deprecated: both harmless here.
@@ -443,9 +443,9 @@ def _job(worker, args) -> dict:
                 "grads": max_abs_diff(run.first_grads, reference.first_grads),
                 "params": max_abs_diff(run.final_params, reference.final_params)}
 
-        record("by hand", *by_hand_run(config, batches, args.lr, rank, world_size, device))
-        record("DTensor", *dtensor_run(config, batches, args.lr, tp_mesh, device))
-        record("DTensor + SP", *dtensor_run(config, batches, args.lr, tp_mesh, device, sequence_parallel=True))
+        record("by hand", *_by_hand_run(config, batches, args.lr, rank, world_size, device))
+        record("DTensor", *_dtensor_run(config, batches, args.lr, tp_mesh, device))
+        record("DTensor + SP", *_dtensor_run(config, batches, args.lr, tp_mesh, device, sequence_parallel=True))
         if label == "gpt2-style":
             # DDP on the same ranks (each rank its rows of the batch), counting its all-reduces.
             ddp_counter = CommCounter()
@@ -461,8 +461,8 @@ def _job(worker, args) -> dict:
             layout = shard_gpt_(model, rank, world_size)
             for block in model.blocks.values():
                 block.attn.reduce = block.mlp.reduce = lambda partial: dist_nn.all_reduce(partial)
-            lm_loss(model, inputs, targets).backward()
-            grads = gather_full({name: p.grad for name, p in model.named_parameters()}, layout)
+            model(inputs, targets).backward()
+            grads = _gather_full({name: p.grad for name, p in model.named_parameters()}, layout)
             last = f"blocks.{config.n_layer - 1}.mlp.proj.weight"
             mine["pitfall"] = {"grad_diff": max_abs_diff(grads, reference.first_grads), "parameter": last,
                                "grad_ratio": (grads[last].norm() / reference.first_grads[last].norm()).item()}
@@ -470,21 +470,22 @@ def _job(worker, args) -> dict:
             # Memory on this rank for one AdamW step of each strategy (throwaway models).
             sharded = build_model(config, seed=0).to(device)
             shard_gpt_(sharded, rank, world_size)
-            mine["memory"] = {
-                "one process": memory_per_rank(build_model(config, seed=0).to(device), inputs, targets),
-                "DDP": memory_per_rank(DistributedDataParallel(build_model(config, seed=0).to(device),
-                                                               device_ids=device_ids),
-                                       *shard(batches[0], rank, world_size)),
-                "TP by hand": memory_per_rank(sharded, inputs, targets),
-                "TP DTensor": memory_per_rank(apply_dtensor_parallel(build_model(config, seed=0).to(device),
-                                                                     tp_mesh), inputs, targets)}
+            memory = {
+                "one process": _memory_per_rank(build_model(config, seed=0).to(device), inputs, targets),
+                "DDP": _memory_per_rank(DistributedDataParallel(build_model(config, seed=0).to(device),
+                                                                device_ids=device_ids),
+                                        *shard(batches[0], rank, world_size)),
+                "TP by hand": _memory_per_rank(sharded, inputs, targets),
+                "TP DTensor": _memory_per_rank(apply_dtensor_parallel(build_model(config, seed=0).to(device),
+                                                                      tp_mesh), inputs, targets)}
+            mine["memory"] = {name: asdict(m) for name, m in memory.items()}  # JSON: the four fields
         rank_print(f"{label}: loss at step 0 {reference.losses[0]:.4f} in one process; max |diff| of "
                    f"logits / first grads / params after {args.steps} SGD steps: " + "; ".join(
                        f"{name.split(', ')[1]} {c['grads']:.0e} / {c['params']:.0e}" if c["logits"] is None
                        else f"{name.split(', ')[1]} {c['logits']:.0e} / {c['grads']:.0e} / {c['params']:.0e}"
                        for name, c in mine["checks"].items() if name.startswith(label)))
     if "memory" in mine:
-        rank_print("bytes on this rank (params / grads / AdamW / activations): " + "; ".join(
+        rank_print("bytes on this rank (weights / gradients / AdamW / activations): " + "; ".join(
             f"{name} {'/'.join(str(v) for v in m.values())}" for name, m in mine["memory"].items()))
 
     everyone = from_every_rank(mine)

@@ -7,7 +7,6 @@ incremental pair counts, a cached merge-by-rank encoder, special tokens, and a o
 Given the same mergeable ranks and pattern, its ids equal tiktoken's."""
 
 import base64
-import hashlib
 import heapq
 import json
 import operator
@@ -19,6 +18,8 @@ from itertools import chain
 from pathlib import Path
 
 import regex  # the third-party `regex` module: \p{L}, \p{N} and possessive quantifiers
+
+from llmbook.files import FileFormatError, atomic_write, data_sha256, parse_versioned_json
 
 __all__ = ["GPT2_PATTERN", "CL100K_PATTERN", "ENDOFTEXT", "split_pretokens", "count_pretokens",
            "learn_merges", "bpe_encode_piece", "FILE_FORMAT", "FILE_VERSION", "TokenizerFileError",
@@ -187,7 +188,7 @@ FILE_VERSION = 1
 _CACHE_MAX_ENTRIES = 1 << 17  # pieces remembered by the encoder before its cache starts afresh
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(FileFormatError):  # a ValueError and an LLMBookError
     """A file given to `BPETokenizer.load` is not a valid tokenizer file; the message names the file."""
 
 
@@ -237,9 +238,9 @@ class BPETokenizer:
         Special-token strings in the text only separate it: no merge is learned across or inside them.
         Deterministic: the same text and settings always give the same tokenizer."""
         if not isinstance(vocab_size, int):
-            raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+            raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
         if isinstance(special_tokens, str):
-            raise ValueError(f"special_tokens must be a list of strings; "
+            raise TypeError(f"special_tokens must be a list of strings; "
                              f"for one token write [{special_tokens!r}]")
         special_tokens = list(dict.fromkeys(special_tokens))
         if vocab_size < 256 + len(special_tokens):
@@ -348,9 +349,10 @@ class BPETokenizer:
         return self.decode_bytes([token_id])
 
     # ---- one file on disk ---------------------------------------------------------------
-    def save(self, path: "str | os.PathLike") -> None:
-        """Write the tokenizer to one JSON file: format name and version, pattern, special tokens,
-        every token's bytes in base64 with its rank, and a SHA-256 of the rest to catch corruption."""
+    def to_json(self) -> str:
+        """The tokenizer as the text of its file: a JSON object with the format name and version,
+        pattern, special tokens, every token's bytes in base64 with its rank, and a SHA-256 of the
+        rest to catch corruption."""
         payload = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -360,10 +362,11 @@ class BPETokenizer:
                                 in sorted(self.mergeable_ranks.items(), key=lambda item: item[1])],
         }
         payload["sha256"] = _digest(payload)
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(payload, ensure_ascii=True), encoding="ascii")
-        os.replace(temporary, path)  # a reader never sees a half-written file
+        return json.dumps(payload, ensure_ascii=True)
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write `to_json()` to one file, atomically: a reader never sees a half-written file."""
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "BPETokenizer":
@@ -374,26 +377,22 @@ class BPETokenizer:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"no tokenizer file at {path}") from None
+        return cls.from_json(raw, name=str(path))
 
+    @classmethod
+    def from_json(cls, text: "str | bytes", name: str = "tokenizer JSON") -> "BPETokenizer":
+        """The tokenizer `to_json` wrote as text. Raises TokenizerFileError (a ValueError) whose
+        message starts with name (a file's path) if the text is not a valid tokenizer."""
         def fail(problem: str) -> TokenizerFileError:
-            return TokenizerFileError(f"{path}: {problem}")
+            return TokenizerFileError(f"{name}: {problem}")
 
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", raw):
-                raise fail("this looks like a tiktoken .tiktoken file, not a BPETokenizer file; "
-                           "read it with tiktoken.load.load_tiktoken_bpe and pass the ranks to "
-                           "BPETokenizer.from_tiktoken_ranks") from None
-            if not raw:
-                raise fail("the file is empty") from None
-            raise fail(f"not valid JSON ({error}): the file is truncated or corrupted, "
-                       "or it is not a file written by BPETokenizer.save") from None
-        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-            raise fail(f"not a BPETokenizer file: JSON without \"format\": {FILE_FORMAT!r}")
-        if payload.get("version") != FILE_VERSION:
-            raise fail(f"file format version {payload.get('version')!r} is not supported "
-                       f"(this code reads version {FILE_VERSION})")
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", raw):
+            raise fail("this looks like a tiktoken .tiktoken file, not a BPETokenizer file; "
+                       "read it with tiktoken.load.load_tiktoken_bpe and pass the ranks to "
+                       "BPETokenizer.from_tiktoken_ranks")
+        payload = parse_versioned_json(raw, FILE_FORMAT, FILE_VERSION, name=name,
+                                       what="a BPETokenizer file", error=TokenizerFileError)
         expected = payload.pop("sha256", None)
         if expected != _digest(payload):
             raise fail("checksum mismatch: the file was modified or corrupted after it was saved")
@@ -409,7 +408,7 @@ class BPETokenizer:
 
 def _digest(payload: dict) -> str:
     canonical = json.dumps(payload, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return data_sha256(canonical.encode("ascii"))
 
 
 def _alternation(strings: Iterable[str], capture: bool = False) -> "re.Pattern":
@@ -420,7 +419,7 @@ def _alternation(strings: Iterable[str], capture: bool = False) -> "re.Pattern":
 
 def _compiled_pattern(pattern: str) -> "regex.Pattern":
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"pattern must be a non-empty regular expression string, got {pattern!r}")
+        raise (TypeError if not isinstance(pattern, str) else ValueError)(f"pattern must be a non-empty regular expression string, got {pattern!r}")
     try:
         return regex.compile(pattern)
     except regex.error as error:

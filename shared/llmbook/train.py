@@ -5,11 +5,12 @@
 """Pretraining: AdamW with weight-decay groups, warmup + cosine schedule, clipping, mixed precision,
 validation, atomic checkpoints that resume exactly, and the book's pretrained-model presets."""
 
-import hashlib
+import collections
 import io
 import json
 import math
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llmbook import LLMBookError, eval_mode
+from llmbook.files import atomic_path, atomic_write, cache_dir, data_sha256, file_lock
 from llmbook.model import GPT, GPTConfig
 
 __all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "autocast_dtype",
-           "random_batch", "evenly_spaced_batches", "evaluate", "CheckpointError",
-           "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint", "train", "Preset", "PRESETS",
-           "preset_key", "tokenize_documents", "Pretrained", "preset_and_folder", "pretrain",
-           "load_pretrained"]
+           "random_batch", "evenly_spaced_batches", "validation_loss", "CheckpointError",
+           "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint", "train_step", "train",
+           "Preset", "PRESETS", "preset_key", "tokenize_documents", "Pretrained",
+           "preset_and_folder", "pretrain", "load_pretrained"]
 
 
 # --- from ch03_model/04_pretraining.ipynb ---
@@ -112,49 +115,57 @@ def evenly_spaced_batches(tokens: torch.Tensor, n_batches: int, batch_size: int,
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype=None) -> float:
+def validation_loss(model: GPT, batches, device: torch.device, dtype: torch.dtype | None = None) -> float:
     """Mean next-token loss of the model over batches (dropout off)."""
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for x, y in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            total += model.loss(x.to(device), y.to(device)).item()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                total += model(x.to(device), y.to(device)).item()
     return total / len(batches)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LLMBookError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not a checkpoint."""
 
 
 CHECKPOINT_MAGIC = b"LLMBOOK-CHECKPOINT-1\n"
 
 
+def _check_storable(value, where: str = "payload") -> None:
+    """Raise TypeError unless value is made of tensors, numbers, strings, None, and lists, tuples
+    and dicts of them: what load_checkpoint's weights-only unpickler reads back."""
+    if isinstance(value, torch.Tensor) or type(value) in (type(None), bool, int, float, str):
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
+    elif type(value) in (dict, collections.OrderedDict):  # state_dict() is an OrderedDict
+        for key, item in value.items():
+            _check_storable(key, f"a key of {where}")
+            _check_storable(item, f"{where}[{key!r}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint holds only tensors, numbers, "
+                        "strings, None and lists, tuples and dicts of them, so that loading one never "
+                        "has to unpickle (and run) arbitrary code.")
+
+
 def save_checkpoint(path, payload: dict) -> None:
-    """Write payload (anything torch.save takes) to path atomically: the bytes, preceded by a magic
-    line and their SHA-256, go to a temporary file in the same folder, which is flushed to disk and
-    then renamed over path. A crash mid-write leaves the previous checkpoint intact."""
+    """Write payload to path atomically (llmbook.files.atomic_write): the bytes of torch.save,
+    preceded by a magic line and their SHA-256. A crash mid-write leaves the previous checkpoint
+    intact. payload may hold only tensors, numbers, strings, None, and lists, tuples and dicts of
+    them; anything else is a TypeError, raised before any file is touched."""
+    _check_storable(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(CHECKPOINT_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:  # disk full, interrupted: leave no half-written temporary behind
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write(path, CHECKPOINT_MAGIC + data_sha256(data).encode() + b"\n" + data)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by save_checkpoint, verifying its digest first."""
+    """Read a checkpoint written by save_checkpoint: verify its digest, then unpickle it with
+    torch.load(weights_only=True), which builds only tensors and plain containers, so that a
+    crafted file cannot run code."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -165,12 +176,37 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not an llmbook checkpoint (it does not start with the "
                               f"{CHECKPOINT_MAGIC.strip().decode()} header).")
     digest_line, _, data = raw[len(CHECKPOINT_MAGIC):].partition(b"\n")
-    actual = hashlib.sha256(data).hexdigest()
+    actual = data_sha256(data)
     if actual.encode() != digest_line:
         raise CheckpointError(f"{path} is truncated or corrupt: its contents have sha256 {actual}, "
                               f"but it was saved with {digest_line.decode(errors='replace')}. Delete "
                               "it and resume from an earlier checkpoint or retrain.")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:  # the digest matches, so the file was made this way
+        raise CheckpointError(f"{path} holds objects other than tensors, numbers, strings and "
+                              "containers of them, which load_checkpoint refuses to unpickle: "
+                              "unpickling them can run arbitrary code. It was not written by "
+                              "save_checkpoint; load checkpoints only from sources you trust.") from error
+
+
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, lr: float, grad_clip: float | None,
+               dtype: torch.dtype | None = None) -> float:
+    """One optimizer step on one (inputs, targets) batch: set the learning rate, forward and loss
+    under autocast, backward, clip the global gradient norm, step, free the gradients. Returns the
+    loss. Pretraining and fine-tuning (Chapter 5's chatbot) both take their steps here."""
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    inputs, targets = batch
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss = model(inputs.to(device), targets.to(device))
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_path=None,
@@ -218,23 +254,15 @@ def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_
     bar = tqdm(range(start, end), initial=start, total=cfg.max_steps, disable=not progress, desc="train")
     for step in bar:
         lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = random_batch(train_tokens, cfg.batch_size, cfg.seq_len, sampler)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model.loss(x.to(device), y.to(device))
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, random_batch(train_tokens, cfg.batch_size, cfg.seq_len, sampler),
+                          lr, cfg.grad_clip, dtype)
         log.steps.append(step + 1)
-        log.train_loss.append(loss.item())
+        log.train_loss.append(loss)
         log.lr.append(lr)
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
             log.val_steps.append(step + 1)
-            log.val_loss.append(evaluate(model, val_batches, device, dtype))
-            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{log.val_loss[-1]:.3f}")
+            log.val_loss.append(validation_loss(model, val_batches, device, dtype))
+            bar.set_postfix(train=f"{loss:.3f}", val=f"{log.val_loss[-1]:.3f}")
         if checkpoint_path is not None and cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0:
             checkpoint(step + 1)
     if checkpoint_path is not None:
@@ -279,7 +307,7 @@ def preset_key(preset: Preset) -> str:
     """A short digest of the preset's settings and the Python version (the offline corpus is the
     standard library's own text, which changes between versions): the name of its cache folder."""
     text = json.dumps([asdict(preset), sys.version_info[:2]], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return data_sha256(text.encode())[:12]
 
 
 def tokenize_documents(tokenizer, documents) -> np.ndarray:
@@ -303,33 +331,19 @@ class Pretrained:
 
 def preset_and_folder(name: str, cache=None) -> tuple[Preset, str]:
     """The preset called name and the cache folder its tokenizer and checkpoint live in."""
-    from llmbook.corpus import cache_dir
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}.")
     preset = PRESETS[name]
     return preset, os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
 
 
-def _cache_lock(folder: str):
-    """An exclusive lock on the file beside folder, held while a preset is trained: when two
-    processes (two notebooks, two test workers) need the same model, one trains it and the other
-    waits, then loads the result, instead of both training and overwriting each other's files.
-    Released when the returned file is closed. Without fcntl (Windows) nothing is locked."""
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    handle = open(folder + ".lock", "a")
-    try:
-        import fcntl
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    except ImportError:
-        pass
-    return handle
-
-
 def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
     """Train the preset's tokenizer and model from scratch (deterministically) and store both in
     the cache folder, replacing an earlier copy."""
     preset, folder = preset_and_folder(name, cache)
-    with _cache_lock(folder):
+    # A lock beside the folder: when two processes (two notebooks, two test workers) need the same
+    # model, one trains it and the other waits, instead of both writing the same files.
+    with file_lock(folder + ".lock"):
         return _train_preset(preset, folder, progress)
 
 
@@ -345,15 +359,12 @@ def _train_preset(preset: Preset, folder: str, progress: bool) -> Pretrained:
     torch.manual_seed(preset.train.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT(preset.model).to(device)
-    os.makedirs(folder, exist_ok=True)
-    # Train into side files and rename them into place at the end: a reader never finds a
+    # Train into a side file renamed into place at the end (atomic_path): a reader never finds a
     # half-trained model.ckpt, and an interrupted run leaves the previous copy untouched.
     checkpoint_path = os.path.join(folder, "model.ckpt")
-    log = train(model, train_ids, val_ids, preset.train, checkpoint_path=checkpoint_path + ".partial",
-                progress=progress)
-    tokenizer.save(os.path.join(folder, "tokenizer.json.partial"))
-    os.replace(os.path.join(folder, "tokenizer.json.partial"), os.path.join(folder, "tokenizer.json"))
-    os.replace(checkpoint_path + ".partial", checkpoint_path)
+    with atomic_path(checkpoint_path) as partial:
+        log = train(model, train_ids, val_ids, preset.train, checkpoint_path=partial, progress=progress)
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))  # before model.ckpt, which marks a finished run
     return Pretrained(model.eval(), tokenizer, log, checkpoint_path)
 
 
@@ -380,6 +391,6 @@ def load_pretrained(name: str = "cpu", cache=None, progress: bool = True) -> Pre
     preset, folder = preset_and_folder(name, cache)
     pretrained = _cached_model(preset, folder)
     if pretrained is None:
-        with _cache_lock(folder):  # then look again: the lock's holder may have just finished
+        with file_lock(folder + ".lock"):  # then look again: the lock's holder may have just finished
             pretrained = _cached_model(preset, folder) or _train_preset(preset, folder, progress)
     return pretrained
