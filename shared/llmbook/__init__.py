@@ -74,7 +74,7 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}.")
     if value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
 
 

@@ -509,7 +509,7 @@ class SlidingWindowDataset(Dataset):
     def __init__(self, tokens, context_length: int, stride: int | None = None):
         positive_int(context_length, "context_length")
         stride = context_length if stride is None else stride
-        positive_int(stride, "stride")
+        positive_int(stride, "stride (or None for context_length)")
         if len(tokens) < context_length + 1:
             raise ValueError(f"{len(tokens)} tokens are too few for one window: a window needs "
                              f"context_length + 1 = {context_length + 1} tokens (the targets are "

@@ -196,7 +196,7 @@ def activation_memory(config: GPTConfig, batch_size: int, seq_len: int, *, autoc
     """
     batch_size, seq_len = positive_int(batch_size, "batch_size"), positive_int(seq_len, "seq_len")
     if chunk_size is not None:  # None: no chunking
-        positive_int(chunk_size, "chunk_size")
+        positive_int(chunk_size, "chunk_size (or None: no chunking)")
     if config.pos_encoding == "learned" and seq_len > config.context_length:
         raise ValueError(f"seq_len={seq_len} exceeds context_length={config.context_length} "
                          "of a model with learned positions.")

@@ -31,7 +31,7 @@ def mesh_coordinates(rank: int, pp: int, dp: int, tp: int) -> tuple:
     """(pp, dp, tp) coordinates of `rank` on a mesh of that shape, numbered as init_device_mesh
     numbers it: row-major, tp fastest, so the ranks of a tensor-parallel group are neighbours."""
     for name, size in (("pp", pp), ("dp", dp), ("tp", tp)):
-        positive_int(size, name)
+        positive_int(size, f"{name} (ranks along that dimension)")
     world_size = pp * dp * tp
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r} is not on a {pp} x {dp} x {tp} mesh (ranks 0..{world_size - 1}).")

@@ -39,7 +39,7 @@ def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
     if not math.isfinite(total_nll_nats) or total_nll_nats < 0:
         raise ValueError(f"total_nll_nats={total_nll_nats!r} must be a finite number >= 0 "
                          "(a sum of -log p in nats).")
-    positive_int(n_bytes, "n_bytes")
+    positive_int(n_bytes, "n_bytes (the UTF-8 length of the scored text, len(text.encode('utf-8')))")
     return total_nll_nats / (math.log(2) * n_bytes)
 
 

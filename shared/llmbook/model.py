@@ -460,7 +460,7 @@ def gpt2_pretrained(name: str = "gpt2", cache=None) -> GPT:
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for max_len tokens.
 
-    GPT.forward(new_tokens, kv_cache) appends each layer's new keys/values and attends over all of
+    GPT.forward(new_tokens, kv_cache=cache) appends each layer's new keys/values and attends over all of
     them; RoPE positions continue from `length`. Memory: 2 * n_layer * B * n_kv_head * max_len *
     head_dim numbers -- grouped-query attention shrinks it by n_head / n_kv_head.
     """

@@ -81,7 +81,7 @@ class Layout:
 
     def __post_init__(self):
         for name in ("data", "tensor", "pipeline"):  # the parallel degrees
-            positive_int(getattr(self, name), f"Layout.{name}")
+            positive_int(getattr(self, name), f"Layout.{name} (a parallel degree)")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Layout.zero={self.zero!r}; ZeRO has stages 0 (DDP), 1, 2 and 3 (FSDP).")
         if self.sequence_parallel and self.tensor == 1:
@@ -300,7 +300,7 @@ def in_flight_micro_batches(stage: int, pipeline: int, micro_batches: int | None
     """
     if schedule not in ("1f1b", "gpipe"):
         raise ValueError(f"schedule={schedule!r}; choose '1f1b' or 'gpipe'.")
-    m = pipeline if micro_batches is None else positive_int(micro_batches, "micro_batches")
+    m = pipeline if micro_batches is None else positive_int(micro_batches, "micro_batches (or None)")
     return m if schedule == "gpipe" else min(pipeline - stage, m)
 
 
