@@ -63,7 +63,7 @@ def test_uneven_batch_is_refused():
         shard(batch, 0, 4)
 
 
-def test_the_model_loss_is_cross_entropy_of_its_logits_also_through_ddp_forward():
+def test_the_model_loss_is_cross_entropy_of_its_logits():
     config = tiny_config()
     model = build_model(config, 0)
     inputs, targets = global_batches(1, 2, config.context_length)[0]

@@ -104,7 +104,7 @@ def test_stop_sequences():
     assert truncate_at_stop("    return 1\n\nprint(f(2))") == "    return 1\n"
 
 
-def test_evaluate_counts_and_pass_at_k():
+def test_evaluate_completions_counts_and_pass_at_k():
     problems = PROBLEMS[:2]
     completions = [[problems[0]["canonical_solution"], "    pass\n", "    pass\n"],
                    ["    pass\n", "    pass\n", problems[1]["canonical_solution"]]]

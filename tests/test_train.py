@@ -144,7 +144,7 @@ def test_evenly_spaced_batches_cover_the_stream():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, T.evenly_spaced_batches(tokens, 3, 4, 10)))
 
 
-def test_evaluate_restores_training_mode_and_matches_loss():
+def test_validation_loss_restores_training_mode_and_matches_loss():
     model = tiny_model().train()
     batches = T.evenly_spaced_batches(stream(), 2, 3, 16)
     value = T.validation_loss(model, batches, torch.device("cpu"))

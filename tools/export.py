@@ -5,14 +5,24 @@ The notebooks are the source of the book's code. A code cell whose first line is
     # export: llmbook.<module>
 
 is copied (without that line) into `shared/llmbook/<module>.py`, in notebook order. Every
-generated module starts with a header naming its source notebook(s) and saying it must not be
-edited by hand. A module that defines a top-level `main()` also gets the footer
+generated module is laid out like a hand-written one:
+  * a header naming its source notebook(s) and saying it must not be edited by hand;
+  * the module docstring (the first cell's leading string);
+  * every top-level import of every cell, hoisted, de-duplicated (`from x import a` and
+    `from x import b` become one line) and grouped: standard library, third party, llmbook.
+    Imports inside functions (lazy imports) stay where they are;
+  * `__all__`, listing the public names the module defines (no leading underscore; `main` is the
+    command line, not an API);
+  * the code, with a `# --- from <notebook> ---` line where each notebook's code starts when the
+    module has more than one source notebook.
+A module that defines a top-level `main()` also gets the footer
 `if __name__ == "__main__": main()`, so that `python -m llmbook.<module>` (and torchrun) can run it;
 the footer is added here because inside the notebook `__name__` is always "__main__".
 
 Rules checked on every export, each with an error that names the notebook and cell:
   * the marker is exactly `# export: llmbook.<name>` with a lower-case Python identifier;
   * a module's source compiles;
+  * a name is imported from one place only (two cells importing `path` from os and from sys fail);
   * a module never imports a module that a later chapter defines.
 
 Usage:
@@ -145,30 +155,49 @@ def _layout(module: Module) -> tuple[str, str, str]:
             else:
                 continue
             drop.update(range(node.lineno - 1, node.end_lineno))
-        kept = "\n".join(line for i, line in enumerate(lines) if i not in drop).strip("\n")
-        kept = re.sub(r"\n{3,}", "\n\n\n", kept)
+        kept = _collapse_blank_lines("\n".join(line for i, line in enumerate(lines) if i not in drop))
         if not kept:
             continue
-        if notebook != current:
-            kept = f"# --- from {notebook} ---\n\n{kept}"
-            current = notebook
+        if notebook != current and len(module.notebooks) > 1:
+            kept = f"# --- from {notebook} ---\n\n\n{kept}"
+        current = notebook
         chunks.append(kept)
     groups: dict[int, list[tuple[int, str]]] = {}
     for (name, asname), comment in plain.items():
         line = f"import {name}" + (f" as {asname}" if asname else "")
-        groups.setdefault(_import_group(name), []).append((0, f"{line}  {comment}".rstrip() if comment else line,
-                                                           name))
+        groups.setdefault(_import_group(name), []).append((0, _with_comment(line, comment), name))
     for source, names in from_names.items():
         line = _wrap(f"from {source} import ", sorted(names), "")
         if "\n" in line:  # too long for one line: parenthesize
             line = _wrap(f"from {source} import (", sorted(names), ")")
-        if source in comments and "\n" not in line:
-            line = f"{line}  {comments[source]}"
+        if source in comments:
+            line = _with_comment(line, comments[source])
         groups.setdefault(_import_group(source), []).append((1, line, source))
     imports = "\n\n".join("\n".join(line for _, line, _ in sorted(groups[g], key=lambda e: (e[0], e[2])))
                            for g in sorted(groups))
-    body = re.sub(r"\n{4,}", "\n\n\n", "\n\n\n".join(chunks))
+    body = _collapse_blank_lines("\n\n\n".join(chunks))
     return docstring, imports, body
+
+
+def _with_comment(line: str, comment: str, width: int = 100) -> str:
+    """An import line with its trailing comment: on the same line if it fits, else the line above."""
+    if not comment:
+        return line
+    if "\n" not in line and len(line) + 2 + len(comment) <= width:
+        return f"{line}  {comment}"
+    return f"{comment}\n{line}"
+
+
+def _collapse_blank_lines(code: str) -> str:
+    """code without its outer blank lines and with runs of blank lines (left where imports were
+    taken out) cut to two, unless that would change a string literal."""
+    code = code.strip("\n")
+    collapsed = re.sub(r"\n{4,}", "\n\n\n", code)
+    try:
+        same = ast.dump(ast.parse(collapsed)) == ast.dump(ast.parse(code))
+    except SyntaxError:  # reported, with the notebook's name, by check_rules
+        same = False
+    return collapsed if same else code
 
 
 def _bind(bound: dict[str, str], name: str, origin: str, module: Module) -> None:

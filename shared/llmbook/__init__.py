@@ -37,7 +37,7 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     metrics          01_perplexity.ipynb
     mmlu             02_mmlu.ipynb
     humaneval        03_humaneval.ipynb
-    sandbox          03_humaneval.ipynb                          python -m llmbook.sandbox
+    sandbox          03_humaneval.ipynb
     chat             04_chat.ipynb                               python -m llmbook.chat
     contamination    05_contamination.ipynb
 """

@@ -24,8 +24,6 @@ __all__ = ["IGNORE_INDEX", "count_tokens", "split_micro_batches", "padded_batche
            "CollectiveCounter"]
 
 
-# --- from ch04_distributed/03_gradient_accumulation.ipynb ---
-
 IGNORE_INDEX = -100  # a target with this value is padding: no loss, no gradient (F.cross_entropy's default)
 
 
@@ -201,7 +199,7 @@ class CollectiveCounter(TorchDispatchMode):
 def _full_tensors(model: torch.nn.Module, grads: bool = False) -> dict:
     """{parameter name: full CPU copy} of the parameters (or their gradients), with DDP's
     "module." prefix removed and FSDP2's shards gathered (a collective: call it on every rank)."""
-    from llmbook.tensor_parallel import gather_dtensors as gather_full
+    from llmbook.tensor_parallel import gather_dtensors
 
     named = {}
     for name, param in model.named_parameters():
@@ -209,7 +207,7 @@ def _full_tensors(model: torch.nn.Module, grads: bool = False) -> dict:
         if tensor is None:
             raise ValueError(f"{name} has no gradient: run a backward pass before asking for gradients.")
         named[name.removeprefix("module.")] = tensor
-    return gather_full(named)
+    return gather_dtensors(named)
 
 
 def _accumulated_sgd_steps(model: torch.nn.Module, steps, lr: float, normalization: str = "global_tokens",

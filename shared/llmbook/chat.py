@@ -12,7 +12,7 @@ import hashlib
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -29,8 +29,6 @@ __all__ = ["ROLES", "CHAT_TOKENS", "END", "add_chat_tokens", "grow_vocabulary", 
            "fit_history", "stream_reply", "reply", "evaluate_tasks", "sft_batch",
            "supervised_finetune", "CHAT_FORMAT", "save_chat_model", "load_chat_model"]
 
-
-# --- from ch05_evaluation/04_chat.ipynb ---
 
 ROLES = ("user", "assistant")
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")  # a turn: <|role|> content <|end|>
@@ -53,12 +51,11 @@ def add_chat_tokens(tokenizer: BPETokenizer) -> BPETokenizer:
 def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
     """A copy of model whose token embedding (and output head, when it is not tied) has vocab_size
     rows: the old rows unchanged, each new row the mean of the old ones."""
-    import dataclasses
     old = model.config.vocab_size
     if vocab_size < old:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}; "
                          "grow_vocabulary only adds rows.")
-    grown = GPT(dataclasses.replace(model.config, vocab_size=vocab_size)).to(model.tok_emb.weight.device)
+    grown = GPT(replace(model.config, vocab_size=vocab_size)).to(model.tok_emb.weight.device)
     state = model.state_dict()
     for name in ("tok_emb.weight", "lm_head.weight"):
         rows = state[name]
@@ -285,8 +282,9 @@ def supervised_finetune(model: GPT, tokenizer: BPETokenizer, examples, cfg: Trai
                         masked: bool = True, progress: bool = True) -> list:
     """Fine-tune model in place on examples (each with .messages()) for cfg.max_steps steps of
     cfg.batch_size examples drawn at random (torch.Generator seeded with cfg.seed), with the
-    pretraining recipe: AdamW with decay groups, warmup + cosine learning rate, gradient clipping.
-    Returns the training loss of every step."""
+    pretraining recipe and its step (llmbook.train.train_step): AdamW with decay groups, warmup +
+    cosine learning rate, gradient clipping, and autocast as cfg.precision says ("auto": bf16 on a
+    GPU that has it, fp32 elsewhere). Returns the training loss of every step."""
     encoded = [encode_chat(tokenizer, example.messages()) for example in examples]
     too_long = [i for i, (ids, _) in enumerate(encoded) if len(ids) > model.config.context_length + 1]
     if too_long:

@@ -30,8 +30,6 @@ __all__ = ["REPLACEMENT_CHARACTER", "decode_utf8", "to_nfc", "remove_control_cha
            "CleaningReport", "clean_document", "clean_corpus"]
 
 
-# --- from ch02_data/02_cleaning.ipynb ---
-
 REPLACEMENT_CHARACTER = "\ufffd"
 _ENCODED_REPLACEMENT = REPLACEMENT_CHARACTER.encode("utf-8")
 

@@ -16,8 +16,6 @@ __all__ = ["normalized_words", "word_ngrams", "NgramIndex", "ContaminationReport
            "contamination_report"]
 
 
-# --- from ch05_evaluation/05_contamination.ipynb ---
-
 _WORD = re.compile(r"[a-z0-9]+")
 
 

@@ -30,8 +30,6 @@ __all__ = ["Document", "offline_corpus", "RemoteSource", "SOURCES", "fetch_sourc
            "split_tokens", "is_validation_document", "split_documents"]
 
 
-# --- from ch02_data/01_corpus.ipynb ---
-
 @dataclass(frozen=True)
 class Document:
     """One document of a corpus: a stable id, its text, and where it came from.

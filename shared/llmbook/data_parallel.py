@@ -19,8 +19,6 @@ __all__ = ["tiny_config", "build_model", "text_tokens", "global_batches", "shard
            "broadcast_parameters", "allreduce_gradients", "counting_allreduce_hook"]
 
 
-# --- from ch04_distributed/01_launching_and_data_parallel.ipynb ---
-
 def tiny_config(**overrides) -> GPTConfig:
     """The chapter's test model: a 2-layer GPT on bytes, small enough for 8 CPU processes.
     The head is not tied to the embedding, so that each can be split its own way."""

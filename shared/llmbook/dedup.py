@@ -30,8 +30,6 @@ __all__ = ["comparison_key", "text_fingerprint", "exact_duplicates", "deduplicat
            "find_repeated_substrings", "remove_repeated_substrings"]
 
 
-# --- from ch02_data/03_deduplication.ipynb ---
-
 def _check_docs(docs) -> list[str]:
     """Return `docs` as a list of strings, or raise a TypeError that says how to fix the call."""
     if isinstance(docs, (str, bytes)):
@@ -255,8 +253,7 @@ def lsh_candidate_probability(similarity, num_bands: int, rows_per_band: int):
     One band of r MinHash values matches with probability s^r; the pair is a candidate when at least
     one of the b bands matches. Works on floats and numpy arrays alike.
     """
-    if num_bands < 1 or rows_per_band < 1:
-        raise ValueError(f"num_bands and rows_per_band must be >= 1, got {num_bands} and {rows_per_band}")
+    positive_int(num_bands, "num_bands"), positive_int(rows_per_band, "rows_per_band")
     s = np.asarray(similarity, dtype=np.float64)
     if np.any((s < 0) | (s > 1)):
         raise ValueError("similarity must lie in [0, 1]")

@@ -19,8 +19,6 @@ from llmbook import positive_int
 __all__ = ["one_hot_embedding", "embedding_parameter_count"]
 
 
-# --- from ch01_foundations/02_embeddings.ipynb ---
-
 def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Embed token ids by multiplying their one-hot encodings with the embedding matrix.
 

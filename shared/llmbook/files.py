@@ -25,8 +25,6 @@ __all__ = ["atomic_path", "atomic_write", "data_sha256", "file_sha256", "cache_d
            "FileFormatError", "parse_versioned_json", "read_versioned_json"]
 
 
-# --- from ch02_data/01_corpus.ipynb ---
-
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """A temporary path beside `path` for the block to write. When the block ends without an error,
@@ -38,7 +36,8 @@ def atomic_path(path: str | os.PathLike):
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield temporary
-        with open(temporary, "ab") as handle:  # the bytes reach the disk before the name does
+        with open(temporary, "rb+") as handle:  # the bytes reach the disk before the name does
+            # ("rb+": a block that wrote nothing is an error, not an empty file)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:  # disk full, interrupted, a failed check: leave no temporary behind

@@ -23,8 +23,6 @@ __all__ = ["MIXED_PRECISION_ADAM", "FP32_ADAMW", "ZERO_STAGES", "zero_bytes_per_
            "state_bytes"]
 
 
-# --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
-
 # Bytes per parameter of each part of the training state (the keywords of zero_bytes_per_rank and
 # of Chapter 3's training_state_bytes).
 # The ZeRO paper's mixed precision: fp16 weights and gradients, and K = 12 bytes of fp32 optimizer

@@ -12,8 +12,6 @@ from llmbook.model import GPT, KVCache
 __all__ = ["sample_next", "stream_tokens", "generate"]
 
 
-# --- from ch03_model/03_generation.ipynb ---
-
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token id per row of logits (B, vocab) -> (B, 1).

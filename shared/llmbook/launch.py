@@ -30,12 +30,10 @@ import torch.distributed as dist
 from llmbook import LLMBookError, positive_int
 from llmbook.files import atomic_write
 
-__all__ = ["LaunchResult", "LaunchTimeout", "process_tree", "kill_tree", "torchrun", "Worker",
-           "init_worker", "rank_print", "from_every_rank", "load_result", "job_arguments",
-           "run_job"]
+__all__ = ["LaunchResult", "LaunchError", "LaunchTimeout", "process_tree", "kill_tree", "torchrun",
+           "Worker", "init_worker", "rank_print", "from_every_rank", "load_result",
+           "job_arguments", "run_job"]
 
-
-# --- from ch04_distributed/01_launching_and_data_parallel.ipynb ---
 
 @dataclass
 class LaunchResult:
@@ -52,9 +50,13 @@ class LaunchResult:
             # torchrun's own traceback and failure summary take the last ~30 lines; the failing
             # rank's traceback comes before them.
             tail = "\n".join(self.output.splitlines()[-80:])
-            raise RuntimeError(f"`{' '.join(self.command[2:])}` exited with code {self.returncode}; "
+            raise LaunchError(f"`{' '.join(self.command[2:])}` exited with code {self.returncode}; "
                                f"the end of its output:\n{tail}")
         return self
+
+
+class LaunchError(LLMBookError, RuntimeError):
+    """A torchrun job exited with an error (a rank raised, or was killed)."""
 
 
 class LaunchTimeout(LLMBookError, TimeoutError):

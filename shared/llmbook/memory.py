@@ -22,8 +22,6 @@ __all__ = ["MemoryBreakdown", "training_state_bytes", "SavedTensors", "local_ten
            "korthikanti_layer_bytes", "TensorMemoryTracker", "measure_peak_memory"]
 
 
-# --- from ch03_model/05_memory.ipynb ---
-
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes of training memory by kind, the words this book uses for it everywhere: the weights,
@@ -39,7 +37,7 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + (self.activations or 0)  # None: not measured
 
 
 def training_state_bytes(n_params: int, weight_bytes: int = 4, gradient_bytes: int = 4,

@@ -22,8 +22,6 @@ from llmbook.model import GPTConfig
 __all__ = ["MESH_DIMS", "mesh_coordinates", "mesh_groups", "build_3d"]
 
 
-# --- from ch04_distributed/05_fsdp_and_3d.ipynb ---
-
 MESH_DIMS = ("pp", "dp", "tp")
 
 

@@ -16,8 +16,6 @@ from llmbook.model import GPT
 __all__ = ["perplexity", "bits_per_byte", "token_nll", "sliding_window_nll"]
 
 
-# --- from ch05_evaluation/01_perplexity.ipynb ---
-
 def perplexity(mean_nll_nats: float) -> float:
     """Perplexity from a mean negative log-likelihood per token in nats: exp(mean NLL).
 

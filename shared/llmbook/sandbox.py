@@ -31,8 +31,6 @@ __all__ = ["RUNNER_SOURCE", "UNSHARE_FLAGS", "NOBODY_UID", "SandboxUnavailableEr
            "namespaces_available", "SIGNAL_HINTS", "run_untrusted", "isolation_report"]
 
 
-# --- from ch05_evaluation/03_humaneval.ipynb ---
-
 # The runner: a fixed script the harness writes next to the program and starts with
 # `python -I -S runner.py <result fd> <config json>`. It cannot import llmbook (isolated mode, no
 # site-packages), so it is plain standard library. Protocol on the result fd, one line each:

@@ -23,7 +23,8 @@ from llmbook.launch import from_every_rank, job_arguments, rank_print, run_job
 from llmbook.memory import (MemoryBreakdown, activation_memory, block_activation_bytes,
                             local_tensor, measure_saved_tensors, norm_activation_bytes)
 from llmbook.model import GPTConfig
-from llmbook.pipeline import stage_blocks  # which blocks a stage holds, as the pipeline job splits them
+# which blocks a stage holds, as the pipeline job splits them
+from llmbook.pipeline import stage_blocks
 from llmbook.tensor_parallel import local_nbytes
 
 __all__ = ["GiB", "GB", "STEP_COUNTER_BYTES", "Precision", "FP32", "BF16", "Layout", "llama_like",
@@ -33,8 +34,6 @@ __all__ = ["GiB", "GB", "STEP_COUNTER_BYTES", "Precision", "FP32", "BF16", "Layo
            "in_flight_micro_batches", "MemoryEstimate", "estimate_memory", "GPU", "GPUS",
            "HEADROOM_FRACTION", "HEADROOM_FIXED", "usable_bytes", "candidate_layouts", "min_gpus"]
 
-
-# --- from ch04_distributed/06_memory_calculator.ipynb ---
 
 GiB = 2**30
 GB = 10**9
@@ -533,7 +532,6 @@ def _measure_activation_bytes(model: torch.nn.Module, inputs, targets) -> int:
     them gathered during the measurement, so that they can be excluded like any other weight.
     """
     from torch.distributed.fsdp import FSDPModule
-
 
     fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in fsdp_units:

@@ -30,8 +30,6 @@ __all__ = ["check_tensor_parallel_size", "sublayer_linears", "split_linear", "sh
            "gather_dtensors", "local_nbytes", "sequence_parallel_plan", "apply_sequence_parallel"]
 
 
-# --- from ch04_distributed/02_tensor_parallel.ipynb ---
-
 def check_tensor_parallel_size(config: GPTConfig, world_size: int) -> None:
     """Raise ValueError unless `config`'s query heads, key/value heads and MLP width split evenly
     over `world_size` ranks (each rank must hold whole heads and an equal slice of the MLP)."""
@@ -386,7 +384,6 @@ def _memory_per_rank(model: nn.Module, inputs, targets) -> MemoryBreakdown:
     (llmbook.memory.measure_saved_tensors, weights excluded). Local shards only. Activations
     are None (not measured) for a DTensor model: the chapter's memory calculator measures those.
     Takes an AdamW step: use a throwaway model."""
-
     params = list(model.parameters())
     if any(isinstance(p, DTensor) for p in params):
         loss, activations = model(inputs, targets), None

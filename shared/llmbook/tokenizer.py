@@ -26,8 +26,6 @@ __all__ = ["GPT2_PATTERN", "CL100K_PATTERN", "ENDOFTEXT", "split_pretokens", "co
            "BPETokenizer"]
 
 
-# --- from ch02_data/04_tokenizer.ipynb ---
-
 # GPT-2's split rule (Radford et al., 2019): contractions, words with one optional leading
 # space, runs of digits, runs of punctuation, and whitespace that leaves the last space to the
 # next word.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmbook import LLMBookError, eval_mode
+from llmbook import LLMBookError, eval_mode, positive_int
 from llmbook.files import atomic_path, atomic_write, cache_dir, data_sha256, file_lock
 from llmbook.model import GPT, GPTConfig
 
@@ -28,8 +28,6 @@ __all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "autoca
            "Preset", "PRESETS", "preset_key", "tokenize_documents", "Pretrained",
            "preset_and_folder", "pretrain", "load_pretrained"]
 
-
-# --- from ch03_model/04_pretraining.ipynb ---
 
 @dataclass
 class TrainConfig:
@@ -103,8 +101,7 @@ def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator:
 
 def evenly_spaced_batches(tokens: torch.Tensor, n_batches: int, batch_size: int, seq_len: int):
     """A fixed set of validation windows spread over the whole split: the same every evaluation."""
-    if n_batches < 1:
-        raise ValueError(f"n_batches={n_batches} must be at least 1 (TrainConfig.eval_batches).")
+    positive_int(n_batches, "n_batches (TrainConfig.eval_batches)")
     if len(tokens) < seq_len + 1:
         raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
                          f"seq_len + 1 = {seq_len + 1}; use a larger val_fraction or a shorter seq_len.")
