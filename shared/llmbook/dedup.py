@@ -100,8 +100,10 @@ def remove_repeated_lines(docs: Sequence[str], min_pages: int = 3, min_chars: in
         raise ValueError(f"min_pages must be an int >= 2 (a line on one page is not repeated), got {min_pages!r}")
     if not isinstance(min_chars, int) or min_chars < 0:
         raise ValueError(f"min_chars must be an int >= 0, got {min_chars!r}")
-    if not isinstance(separator, str) or not separator:
-        raise (TypeError if not isinstance(separator, str) else ValueError)("separator must be a non-empty string such as '\\n' (lines) or '\\n\\n' (paragraphs)")
+    if not isinstance(separator, str):
+        raise TypeError(f"separator must be a string such as '\\n' (lines), got {type(separator).__name__}")
+    if not separator:
+        raise ValueError("separator must be a non-empty string such as '\\n' (lines) or '\\n\\n' (paragraphs)")
 
     split_docs = [text.split(separator) for text in docs]
     pages_per_line = Counter()
@@ -253,7 +255,8 @@ def lsh_candidate_probability(similarity, num_bands: int, rows_per_band: int):
     One band of r MinHash values matches with probability s^r; the pair is a candidate when at least
     one of the b bands matches. Works on floats and numpy arrays alike.
     """
-    positive_int(num_bands, "num_bands"), positive_int(rows_per_band, "rows_per_band")
+    positive_int(num_bands, "num_bands")
+    positive_int(rows_per_band, "rows_per_band")
     s = np.asarray(similarity, dtype=np.float64)
     if np.any((s < 0) | (s > 1)):
         raise ValueError("similarity must lie in [0, 1]")

@@ -106,7 +106,8 @@ def split_stage(model: GPT, stage: int, n_stages: int):
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     """The idle fraction of every stage in a GPipe or 1F1B step with equal stages:
     (p - 1) / (m + p - 1) for p stages and m micro-batches."""
-    positive_int(n_stages, "n_stages"), positive_int(n_microbatches, "n_microbatches")
+    positive_int(n_stages, "n_stages")
+    positive_int(n_microbatches, "n_microbatches")
     return (n_stages - 1) / (n_microbatches + n_stages - 1)
 
 
@@ -117,7 +118,8 @@ def schedule_order(schedule: str, n_stages: int, n_microbatches: int) -> list:
     then alternates one backward and one forward, and ends with the remaining backwards."""
     if schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"schedule={schedule!r}; choose 'gpipe' or '1f1b'.")
-    positive_int(n_stages, "n_stages"), positive_int(n_microbatches, "n_microbatches")
+    positive_int(n_stages, "n_stages")
+    positive_int(n_microbatches, "n_microbatches")
     m = n_microbatches
     orders = []
     for stage in range(n_stages):

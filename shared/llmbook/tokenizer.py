@@ -416,8 +416,10 @@ def _alternation(strings: Iterable[str], capture: bool = False) -> "re.Pattern":
 
 
 def _compiled_pattern(pattern: str) -> "regex.Pattern":
-    if not isinstance(pattern, str) or not pattern:
-        raise (TypeError if not isinstance(pattern, str) else ValueError)(f"pattern must be a non-empty regular expression string, got {pattern!r}")
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a regular expression string, got {type(pattern).__name__}")
+    if not pattern:
+        raise ValueError("pattern must be a non-empty regular expression string")
     try:
         return regex.compile(pattern)
     except regex.error as error:
