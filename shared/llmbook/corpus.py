@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from llmbook import positive_int
 from llmbook.files import atomic_write, data_sha256, download, file_sha256, read_versioned_json
 
-__all__ = ["Document", "offline_corpus", "RemoteSource", "SOURCES", "fetch_source",
-           "read_local_files", "load_source", "load_corpus", "SHARD_FORMAT",
+__all__ = ["Document", "offline_corpus", "offline_corpus_with_source", "RemoteSource", "SOURCES",
+           "fetch_source", "read_local_files", "load_source", "load_corpus", "SHARD_FORMAT",
            "SHARD_FORMAT_VERSION", "METADATA_FILE", "token_dtype", "write_token_shards",
            "TokenShards", "read_token_shards", "SlidingWindowDataset", "make_dataloader",
-           "split_tokens", "is_validation_document", "split_documents"]
+           "split_tokens", "split_unit", "is_validation_document", "split_documents"]
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,32 @@ def _module_docstrings(path: Path) -> str:
     return "\n\n".join(d for d in docstrings if d and len(d.split()) >= _MIN_DOCSTRING_WORDS)
 
 
-def _stdlib_docstring_documents() -> list[Document]:
+def _stdlib_modules() -> list[tuple[str, Path]]:
+    """(name, path) of every documented standard-library module, e.g. ("asyncio/tasks.py", ...)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    documents = []
+    modules = []
     for path in sorted(root.rglob("*.py")):  # sorted: the file system's order is not stable
         relative = path.relative_to(root)
-        if _SKIPPED_STDLIB_DIRS & set(relative.parts):
-            continue
+        if not _SKIPPED_STDLIB_DIRS & set(relative.parts):
+            modules.append((relative.as_posix(), path))
+    return modules
+
+
+def _stdlib_docstring_documents() -> list[Document]:
+    documents = []
+    for name, path in _stdlib_modules():
         text = _module_docstrings(path)
         if text:
-            documents.append(Document(f"stdlib:{relative.as_posix()}", text, "stdlib_docstrings"))
+            documents.append(Document(f"stdlib:{name}", text, "stdlib_docstrings"))
     return documents
+
+
+def _stdlib_source_documents() -> list[Document]:
+    """Each module's source file as it is. The id "stdlib:<module>#source" shares its part before
+    "#" with the module's docstring document, so a split keeps the two on the same side."""
+    return [Document(f"stdlib:{name}#source", path.read_text(encoding="utf-8", errors="replace"),
+                     "stdlib_source")
+            for name, path in _stdlib_modules() if not name.startswith("pydoc_data/")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,6 +103,14 @@ def offline_corpus() -> tuple[Document, ...]:
     least eight words (source "stdlib_docstrings"). Deterministic for a given Python version; no
     network. Cached per process: the first call parses the standard library (a few seconds)."""
     return tuple(_pydoc_topic_documents() + _stdlib_docstring_documents())
+
+
+@functools.lru_cache(maxsize=1)
+def offline_corpus_with_source() -> tuple[Document, ...]:
+    """`offline_corpus()` followed by the source code of the same standard-library modules
+    (source "stdlib_source", ~10 MB): a second domain, code, for the book's model. The reference
+    manual's own module, pydoc_data/topics.py, is left out: its text is the first source already."""
+    return offline_corpus() + tuple(_stdlib_source_documents())
 
 
 @dataclass(frozen=True)
@@ -252,7 +275,8 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
                 limit: int | None = None) -> tuple[Document, ...]:
     """The corpus the book trains on, chosen by one setting.
 
-    `name` is "offline" (the standard-library prose, no network), a registered source in
+    `name` is "offline" (the standard-library prose, no network), "offline+source" (the same
+    prose and the standard library's source code: the book's model trains on it), a registered source in
     `SOURCES` ("tinyshakespeare", "tinystories", "fineweb-edu"; downloaded once into `cache`), or
     the path of a .txt/.jsonl file or folder of them. Without `name`, the environment variable
     LLMBOOK_CORPUS decides, and it defaults to "offline": the notebooks use that default, so
@@ -262,12 +286,14 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
     chosen = name if name is not None else os.environ.get("LLMBOOK_CORPUS", "").strip() or "offline"
     if chosen == "offline":
         documents = offline_corpus()
+    elif chosen == "offline+source":
+        documents = offline_corpus_with_source()
     elif chosen in SOURCES:
         documents = load_source(SOURCES[chosen], cache, limit)
     elif Path(chosen).expanduser().exists():
         documents = read_local_files(chosen)
     else:
-        raise ValueError(f"Unknown corpus {chosen!r}: use 'offline', one of "
+        raise ValueError(f"Unknown corpus {chosen!r}: use 'offline', 'offline+source', one of "
                          f"{', '.join(SOURCES)}, or the path of a .txt/.jsonl file or folder "
                          "(set it with load_corpus(name) or the LLMBOOK_CORPUS variable).")
     return tuple(documents[:limit])
@@ -565,11 +591,18 @@ def split_tokens(tokens, val_fraction: float = 0.1):
     return tokens[:cut], tokens[cut:]
 
 
+def split_unit(document_id: str) -> str:
+    """The unit a split keeps whole: the part of the id before "#", so that "stdlib:json/decoder.py"
+    (the module's docstrings) and "stdlib:json/decoder.py#source" (its code, which contains the same
+    docstrings) always land on the same side."""
+    return document_id.partition("#")[0]
+
+
 def is_validation_document(document_id: str, val_fraction: float, salt: str = "") -> bool:
-    """Whether a document belongs to the validation split: its id's SHA-256, read as a number in
-    [0, 1), falls below `val_fraction`. A document's side depends on its id only, never on the
-    other documents, so adding documents to a corpus never moves old ones across the split."""
-    digest = hashlib.sha256(f"{salt}{document_id}".encode("utf-8")).digest()
+    """Whether a document belongs to the validation split: the SHA-256 of its `split_unit`, read as a
+    number in [0, 1), falls below `val_fraction`. A document's side depends on its id only, never on
+    the other documents, so adding documents to a corpus never moves old ones across the split."""
+    digest = hashlib.sha256(f"{salt}{split_unit(document_id)}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 

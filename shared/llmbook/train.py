@@ -5,28 +5,41 @@
 """Pretraining: AdamW with weight-decay groups, warmup + cosine schedule, clipping, mixed precision,
 validation, atomic checkpoints that resume exactly, and the book's pretrained-model presets."""
 
+import argparse
 import collections
+import importlib.resources
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from tqdm import tqdm
 
 from llmbook import LLMBookError, eval_mode, positive_int
-from llmbook.files import atomic_path, atomic_write, cache_dir, data_sha256, file_lock
+from llmbook.cleaning import INPUT_RULES, clean_corpus, normalize_keeping_layout
+from llmbook.corpus import (load_corpus, make_dataloader, read_token_shards, split_documents,
+                            write_token_shards)
+from llmbook.dedup import MinHashDeduplicator, deduplicate_exact
+from llmbook.files import (FileFormatError, atomic_path, atomic_write, cache_dir, data_sha256,
+                           file_lock, file_sha256, read_versioned_json)
 from llmbook.model import GPT, GPTConfig
+from llmbook.tokenizer import BPETokenizer
 
-__all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "autocast_dtype",
-           "random_batch", "evenly_spaced_batches", "validation_loss", "CheckpointError",
-           "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint", "train_step", "train",
-           "Preset", "PRESETS", "preset_key", "tokenize_documents", "Pretrained",
-           "preset_and_folder", "pretrain", "load_pretrained"]
+__all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "has_fast_bf16",
+           "autocast_dtype", "random_batch", "evenly_spaced_batches", "validation_loss",
+           "CheckpointError", "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint",
+           "train_step", "train", "Preset", "PRESETS", "preset_key", "get_preset",
+           "pipeline_documents", "preset_documents", "tokenize_documents", "token_shards",
+           "Pretrained", "preset_and_folder", "pretrain", "PretrainedFileError", "SHIPPED_FILES",
+           "shipped_folder", "save_pretrained", "load_shipped", "load_pretrained"]
 
 
 @dataclass
@@ -46,7 +59,7 @@ class TrainConfig:
     eval_interval: int = 50
     eval_batches: int = 8
     checkpoint_interval: int | None = None  # steps between checkpoints (None: only at the end)
-    precision: str = "auto"  # "bf16", "fp32", or "auto": bf16 autocast on a GPU that has it, else fp32
+    precision: str = "auto"  # "bf16", "fp32", or "auto": bf16 autocast where the hardware has it, else fp32
     seed: int = 0
 
 
@@ -81,11 +94,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16, or a
+    CPU with AVX-512 BF16 or AMX instructions. Elsewhere bf16 is emulated, and far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16
+        return False
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype to autocast to (None: plain fp32)."""
+    """The dtype to autocast to (None: plain fp32). "auto" is bf16 where it is fast, else fp32."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision={precision!r}; choose 'auto', 'bf16' or 'fp32'.")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if precision == "bf16" or (precision == "auto" and has_fast_bf16(torch.device(device))):
         return torch.bfloat16
     return None
 
@@ -219,11 +243,12 @@ def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_
     dtype = autocast_dtype(cfg.precision, device)
     if cfg.seq_len > model.config.context_length:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context_length={model.config.context_length}.")
-    train_tokens = torch.as_tensor(np.asarray(train_tokens), dtype=torch.long)
-    val_batches = evenly_spaced_batches(torch.as_tensor(np.asarray(val_tokens), dtype=torch.long),
+    # Chapter 2's loader: non-overlapping windows, reshuffled every epoch by a generator seeded with
+    # cfg.seed. Its order is a function of the step alone, so resuming at step s skips s batches.
+    loader = make_dataloader(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    val_batches = evenly_spaced_batches(torch.from_numpy(np.array(val_tokens, dtype=np.int64)),
                                         cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     optimizer = make_optimizer(model, cfg)
-    sampler = torch.Generator().manual_seed(cfg.seed)  # draws the batches; saved in checkpoints
     log, start = TrainLog(), 0
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=device)
@@ -233,7 +258,6 @@ def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_
                              f"{state['train_config']}, given: {asdict(cfg)}.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        sampler.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])  # dropout masks
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -243,16 +267,16 @@ def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_
         save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "model_config": asdict(model.config), "train_config": asdict(cfg), "log": asdict(log),
-            "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 
     model.train()
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.max_steps, disable=not progress, desc="train")
-    for step in bar:
+    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), start, None)
+    for step, batch in zip(bar, batches):
         lr = learning_rate(step, cfg)
-        loss = train_step(model, optimizer, random_batch(train_tokens, cfg.batch_size, cfg.seq_len, sampler),
-                          lr, cfg.grad_clip, dtype)
+        loss = train_step(model, optimizer, batch, lr, cfg.grad_clip, dtype)
         log.steps.append(step + 1)
         log.train_loss.append(loss)
         log.lr.append(lr)
@@ -278,6 +302,7 @@ class Preset:
     model: GPTConfig
     train: TrainConfig
     val_fraction: float = 0.1
+    shipped: bool = False  # the weights come with the book: load_pretrained loads them, never trains
 
 
 PRESETS = {
@@ -289,6 +314,15 @@ PRESETS = {
                         pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
         train=TrainConfig(max_steps=400, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
                           warmup_steps=40, eval_interval=50, eval_batches=8)),
+    # The book's model, shipped with it: 5.3M parameters trained on the standard library's prose and
+    # source code (two domains, 11.8 MB) in about 40 minutes on 2 CPU cores, by
+    # `python -m llmbook.train --preset book`. Chapter 5 evaluates and fine-tunes it.
+    "book": Preset(
+        corpus="offline+source", vocab_size=8192, shipped=True,
+        model=GPTConfig(vocab_size=8192, context_length=256, n_layer=4, n_head=4, d_model=256,
+                        pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+        train=TrainConfig(max_steps=1800, batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4,
+                          warmup_steps=100, eval_interval=100, eval_batches=8)),
     # One modern GPU, minutes: a 34M-parameter model on TinyStories' pinned 19 MB file (downloaded
     # once), sized so that the run passes over its few million tokens about four times.
     "gpu": Preset(
@@ -307,18 +341,49 @@ def preset_key(preset: Preset) -> str:
     return data_sha256(text.encode())[:12]
 
 
+def get_preset(name: str) -> Preset:
+    """The preset called name; an unknown name raises ValueError listing the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}.")
+    return PRESETS[name]
+
+
+def pipeline_documents(preset: Preset) -> tuple[list, list]:
+    """Chapter 2's pipeline up to the split: the preset's corpus, cleaned by the input checks with
+    a normalization that keeps indentation (the corpora are curated documentation and code, 2.2),
+    exact and near duplicates removed (2.3), then split into (train, validation) by module (2.1),
+    so that no held-out text, not even a docstring quoted in a source file, is seen in training."""
+    documents, _ = clean_corpus(load_corpus(preset.corpus), INPUT_RULES, (), normalize_keeping_layout)
+    documents = [documents[i] for i in deduplicate_exact([d.text for d in documents])]
+    documents = [documents[i] for i in MinHashDeduplicator().deduplicate([d.text for d in documents])]
+    return split_documents(documents, preset.val_fraction)
+
+
+def preset_documents(name: str) -> tuple[list[str], list[str]]:
+    """(train_texts, validation_texts): the exact texts the preset's model trains and validates on."""
+    train_docs, val_docs = pipeline_documents(get_preset(name))
+    return [d.text for d in train_docs], [d.text for d in val_docs]
+
+
 def tokenize_documents(tokenizer, documents) -> np.ndarray:
-    """One token stream: every document's tokens followed by <|endoftext|>."""
+    """One token stream in memory: <|endoftext|> before every document's tokens (as in the shards)."""
     ids = []
     for document in documents:
-        ids.extend(tokenizer.encode_ordinary(document.text))
         ids.append(tokenizer.eot_token)
+        ids.extend(tokenizer.encode_ordinary(document.text))
     return np.array(ids, dtype=np.int64)
+
+
+def token_shards(tokenizer, documents, folder: str):
+    """Tokenize documents into shards on disk (2.1) and return them memory-mapped."""
+    write_token_shards((tokenizer.encode_ordinary(d.text) for d in documents), folder,
+                       tokenizer.vocab_size, eot_id=tokenizer.eot_token, overwrite=True)
+    return read_token_shards(folder)
 
 
 @dataclass
 class Pretrained:
-    """A pretrained model with its tokenizer, its training log and where its checkpoint lives."""
+    """A pretrained model with its tokenizer, its training log and the file its weights are in."""
 
     model: GPT
     tokenizer: object
@@ -328,9 +393,7 @@ class Pretrained:
 
 def preset_and_folder(name: str, cache=None) -> tuple[Preset, str]:
     """The preset called name and the cache folder its tokenizer and checkpoint live in."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}.")
-    preset = PRESETS[name]
+    preset = get_preset(name)
     return preset, os.path.join(os.fspath(cache or cache_dir()), "models", f"{name}-{preset_key(preset)}")
 
 
@@ -345,14 +408,13 @@ def pretrain(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained
 
 
 def _train_preset(preset: Preset, folder: str, progress: bool) -> Pretrained:
-    from llmbook.corpus import load_corpus, split_documents
-    from llmbook.tokenizer import BPETokenizer
-    train_docs, val_docs = split_documents(load_corpus(preset.corpus), preset.val_fraction)
+    train_docs, val_docs = pipeline_documents(preset)
     tokenizer = BPETokenizer.train([d.text for d in train_docs], preset.vocab_size)
     if tokenizer.vocab_size != preset.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                          f"{preset.model.vocab_size}; the corpus is too small for this vocabulary.")
-    train_ids, val_ids = tokenize_documents(tokenizer, train_docs), tokenize_documents(tokenizer, val_docs)
+    train_tokens = token_shards(tokenizer, train_docs, os.path.join(folder, "shards", "train"))
+    val_tokens = token_shards(tokenizer, val_docs, os.path.join(folder, "shards", "validation"))
     torch.manual_seed(preset.train.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT(preset.model).to(device)
@@ -360,14 +422,13 @@ def _train_preset(preset: Preset, folder: str, progress: bool) -> Pretrained:
     # half-trained model.ckpt, and an interrupted run leaves the previous copy untouched.
     checkpoint_path = os.path.join(folder, "model.ckpt")
     with atomic_path(checkpoint_path) as partial:
-        log = train(model, train_ids, val_ids, preset.train, checkpoint_path=partial, progress=progress)
+        log = train(model, train_tokens, val_tokens, preset.train, checkpoint_path=partial, progress=progress)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))  # before model.ckpt, which marks a finished run
     return Pretrained(model.eval(), tokenizer, log, checkpoint_path)
 
 
 def _cached_model(preset: Preset, folder: str) -> Pretrained | None:
     """The complete model stored in folder, or None if there is none."""
-    from llmbook.tokenizer import BPETokenizer
     checkpoint_path = os.path.join(folder, "model.ckpt")
     tokenizer_path = os.path.join(folder, "tokenizer.json")
     if not (os.path.exists(checkpoint_path) and os.path.exists(tokenizer_path)):
@@ -381,13 +442,90 @@ def _cached_model(preset: Preset, folder: str) -> Pretrained | None:
     return Pretrained(model.eval(), BPETokenizer.load(tokenizer_path), TrainLog(**state["log"]), checkpoint_path)
 
 
+class PretrainedFileError(LLMBookError, FileNotFoundError):
+    """A shipped model's file is missing, corrupted or from other settings."""
+
+
+SHIPPED_FORMAT, SHIPPED_VERSION = "llmbook-pretrained", 1
+SHIPPED_FILES = ("model.safetensors", "tokenizer.json", "train_log.json")
+
+
+def shipped_folder(name: str) -> Path:
+    """Where the book keeps a shipped preset's files: the package's models/<name> folder."""
+    return Path(str(importlib.resources.files("llmbook"))) / "models" / name
+
+
+def save_pretrained(pretrained: Pretrained, name: str, folder=None) -> Path:
+    """Write the preset's model as the book ships it: the weights in safetensors (tensors only, so
+    loading them cannot run code), the tokenizer, the training log, and config.json with the preset's
+    settings and the SHA-256 of each of the other files. Returns the folder."""
+    folder = Path(folder or shipped_folder(name))
+    with atomic_path(folder / "model.safetensors") as partial:
+        safetensors.torch.save_model(pretrained.model, str(partial))  # stores the tied head once
+    pretrained.tokenizer.save(folder / "tokenizer.json")
+    atomic_write(folder / "train_log.json", json.dumps(asdict(pretrained.log)))
+    config = {"format": SHIPPED_FORMAT, "version": SHIPPED_VERSION, "preset": name,
+              "settings": asdict(get_preset(name)), "python": list(sys.version_info[:2]),
+              "torch": torch.__version__, "sha256": {f: file_sha256(folder / f) for f in SHIPPED_FILES}}
+    atomic_write(folder / "config.json", json.dumps(config, indent=1, default=str) + "\n")  # last
+    return folder
+
+
+def load_shipped(name: str, folder=None) -> Pretrained:
+    """Load a shipped preset's model after checking every file against the digests in config.json."""
+    preset, folder = get_preset(name), Path(folder or shipped_folder(name))
+    fix = (f"restore the shipped files with `git checkout -- {folder.name}` in {folder.parent}, or "
+           f"rebuild them with `python -m llmbook.train --preset {name}` (about an hour on 2 CPU cores)")
+    try:
+        config = read_versioned_json(folder / "config.json", SHIPPED_FORMAT, SHIPPED_VERSION,
+                                     what=f"the config of the book's {name!r} model")
+    except (FileNotFoundError, FileFormatError) as error:
+        raise PretrainedFileError(f"{error}; {fix}.") from None
+    if json.loads(json.dumps(asdict(preset), default=str)) != config["settings"]:
+        raise PretrainedFileError(f"{folder} holds a model trained with other settings than "
+                                  f"PRESETS[{name!r}]; {fix}.")
+    for file in SHIPPED_FILES:
+        path = folder / file
+        if not path.exists():
+            raise PretrainedFileError(f"{path} is missing; {fix}.")
+        if (actual := file_sha256(path)) != config["sha256"][file]:
+            raise PretrainedFileError(f"{path} is corrupted: its SHA-256 is {actual}, but config.json "
+                                      f"records {config['sha256'][file]}; {fix}.")
+    model = GPT(preset.model)
+    safetensors.torch.load_model(model, str(folder / "model.safetensors"))  # strict: every tensor
+    log = TrainLog(**json.loads((folder / "train_log.json").read_text()))
+    return Pretrained(model.eval(), BPETokenizer.load(folder / "tokenizer.json"), log,
+                      str(folder / "model.safetensors"))
+
+
 def load_pretrained(name: str = "cpu", cache=None, progress: bool = True) -> Pretrained:
-    """The preset's pretrained model and tokenizer: from the cache when an earlier run stored them,
-    otherwise trained now (minutes on a CPU for "cpu") and cached. If another process is training
-    the same preset, wait for it and load its result."""
+    """The preset's pretrained model and tokenizer. A shipped preset ("book") is loaded from the
+    book's files, never trained. Otherwise from the cache when an earlier run stored it, or trained
+    now (minutes on a CPU for "cpu") and cached; if another process is training the same preset,
+    wait for it and load its result."""
     preset, folder = preset_and_folder(name, cache)
+    if preset.shipped:
+        return load_shipped(name)
     pretrained = _cached_model(preset, folder)
     if pretrained is None:
         with file_lock(folder + ".lock"):  # then look again: the lock's holder may have just finished
             pretrained = _cached_model(preset, folder) or _train_preset(preset, folder, progress)
     return pretrained
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Train one of the book's presets from scratch, "
+                                     "with a progress bar and periodic validation.")
+    parser.add_argument("--preset", default="book", choices=list(PRESETS))
+    parser.add_argument("--out", help="folder for the safetensors weights, tokenizer, log and config "
+                        "(default: the package's models/<preset> for a shipped preset, else none: "
+                        "the model stays in the cache)")
+    args = parser.parse_args(argv)
+    pretrained = pretrain(args.preset)
+    print(f"final validation loss {pretrained.log.val_loss[-1]:.4f}; checkpoint {pretrained.checkpoint}")
+    if args.out or get_preset(args.preset).shipped:
+        print("wrote", save_pretrained(pretrained, args.preset, args.out))
+
+
+if __name__ == "__main__":
+    main()
