@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import llmbook.corpus
 import llmbook.train as T
 from llmbook import LLMBookError
 from llmbook.corpus import Document
@@ -283,19 +282,19 @@ def test_resume_after_crash_from_interval_checkpoint(tmp_path, monkeypatch):
     straight_model = tiny_model()
     straight = T.train(straight_model, tokens, val, cfg, progress=False)
 
-    real_random_batch, calls = T.random_batch, []
+    real_train_step, calls = T.train_step, []
 
-    def crashing_random_batch(*args, **kwargs):
+    def crashing_train_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 7:
             raise RuntimeError("simulated crash")
-        return real_random_batch(*args, **kwargs)
+        return real_train_step(*args, **kwargs)
 
     path = tmp_path / "run.ckpt"
-    monkeypatch.setattr(T, "random_batch", crashing_random_batch)
+    monkeypatch.setattr(T, "train_step", crashing_train_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.train(tiny_model(), tokens, val, cfg, checkpoint_path=path, progress=False)
-    monkeypatch.setattr(T, "random_batch", real_random_batch)
+    monkeypatch.setattr(T, "train_step", real_train_step)
     assert T.load_checkpoint(path)["step"] == 4            # the last interval checkpoint
     resumed_model = tiny_model(seed=2)
     resumed = T.train(resumed_model, tokens, val, cfg, checkpoint_path=path, resume=True, progress=False)
@@ -348,7 +347,7 @@ def tiny_preset(monkeypatch):
         train=T.TrainConfig(max_steps=6, batch_size=4, seq_len=16, warmup_steps=2,
                             eval_interval=3, eval_batches=2))
     monkeypatch.setitem(T.PRESETS, "tiny", preset)
-    monkeypatch.setattr(llmbook.corpus, "load_corpus", small_corpus)
+    monkeypatch.setattr(T, "load_corpus", small_corpus)
     return preset
 
 
@@ -363,7 +362,7 @@ def test_load_pretrained_trains_once_then_uses_the_cache(tmp_path, monkeypatch, 
     first = T.load_pretrained("tiny", cache=tmp_path, progress=False)
     assert len(runs) == 1 and len(first.log.train_loss) == 6
     folder = tmp_path / "models" / f"tiny-{T.preset_key(tiny_preset)}"
-    assert sorted(os.listdir(folder)) == ["model.ckpt", "tokenizer.json"]
+    assert sorted(os.listdir(folder)) == ["model.ckpt", "shards", "tokenizer.json"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("load_pretrained trained although the cache holds the model")
@@ -414,7 +413,7 @@ def test_concurrent_loads_train_once_and_never_see_a_partial_model(tmp_path, mon
         thread.join()
     assert runs == [1] and seen_partial == [False]
     assert same_parameters(results[0].model, results[1].model)
-    assert sorted(os.listdir(folder)) == ["model.ckpt", "tokenizer.json"]
+    assert sorted(os.listdir(folder)) == ["model.ckpt", "shards", "tokenizer.json"]
 
 
 def test_preset_key_changes_with_any_setting(tiny_preset):
@@ -432,12 +431,13 @@ def test_unknown_preset_is_rejected(tmp_path):
             function("huge", cache=tmp_path)
 
 
-def test_tokenize_documents_separates_documents():
+def test_token_shards_put_an_end_of_text_before_each_document(tmp_path):
     from llmbook.tokenizer import BPETokenizer
     documents = small_corpus()[:3]
     tokenizer = BPETokenizer.train([d.text for d in documents], 280)
-    ids = T.tokenize_documents(tokenizer, documents)
-    assert ids.dtype == np.int64
-    ends = np.flatnonzero(ids == tokenizer.eot_token)
-    assert len(ends) == 3 and ends[-1] == len(ids) - 1
-    assert tokenizer.decode(ids[:ends[0]].tolist()) == documents[0].text
+    shards = T.token_shards(tokenizer, documents, tmp_path / "shards")
+    ids = np.asarray(shards)
+    starts = np.flatnonzero(ids == tokenizer.eot_token)
+    assert starts.tolist() == [0, *starts[1:]] and len(starts) == 3
+    assert tokenizer.decode(ids[1:starts[1]].tolist()) == documents[0].text
+    assert np.array_equal(ids, T.tokenize_documents(tokenizer, documents))

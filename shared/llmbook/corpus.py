@@ -107,10 +107,11 @@ def offline_corpus() -> tuple[Document, ...]:
 
 @functools.lru_cache(maxsize=1)
 def offline_corpus_with_source() -> tuple[Document, ...]:
-    """`offline_corpus()` followed by the source code of the same standard-library modules
-    (source "stdlib_source", ~10 MB): a second domain, code, for the book's model. The reference
-    manual's own module, pydoc_data/topics.py, is left out: its text is the first source already."""
-    return offline_corpus() + tuple(_stdlib_source_documents())
+    """The reference manual's topics followed by the source code of the standard-library modules
+    (source "stdlib_source", ~10 MB): prose and code, the two domains of the book's model. The
+    docstring documents of `offline_corpus()` are left out, because every docstring is inside its
+    module's source already, and so is pydoc_data/topics.py, whose text is the first source."""
+    return tuple(_pydoc_topic_documents() + _stdlib_source_documents())
 
 
 @dataclass(frozen=True)

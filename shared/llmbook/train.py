@@ -246,7 +246,7 @@ def train(model: GPT, train_tokens, val_tokens, cfg: TrainConfig, *, checkpoint_
     # Chapter 2's loader: non-overlapping windows, reshuffled every epoch by a generator seeded with
     # cfg.seed. Its order is a function of the step alone, so resuming at step s skips s batches.
     loader = make_dataloader(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    val_batches = evenly_spaced_batches(torch.from_numpy(np.array(val_tokens, dtype=np.int64)),
+    val_batches = evenly_spaced_batches(torch.from_numpy(np.asarray(val_tokens).astype(np.int64)),
                                         cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     optimizer = make_optimizer(model, cfg)
     log, start = TrainLog(), 0
@@ -314,8 +314,8 @@ PRESETS = {
                         pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
         train=TrainConfig(max_steps=400, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
                           warmup_steps=40, eval_interval=50, eval_batches=8)),
-    # The book's model, shipped with it: 5.3M parameters trained on the standard library's prose and
-    # source code (two domains, 11.8 MB) in about 40 minutes on 2 CPU cores, by
+    # The book's model, shipped with it: 5.3M parameters trained on Python's reference manual and the
+    # standard library's source code (prose and code, 10.4 MB) in about 40 minutes on 2 CPU cores, by
     # `python -m llmbook.train --preset book`. Chapter 5 evaluates and fine-tunes it.
     "book": Preset(
         corpus="offline+source", vocab_size=8192, shipped=True,
