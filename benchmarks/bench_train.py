@@ -44,26 +44,12 @@ from llmbook.train import (
     has_fast_bf16,
     learning_rate,
     make_optimizer,
+    matmul_peak,
     random_batch,
     train_step,
 )
 
 SLOW_BF16_MATMUL_SIZE = 512  # ~0.27 GFLOP: a fraction of a second even at ~1 GFLOP/s of emulated bf16
-
-
-def matmul_peak(n: int, dtype: torch.dtype, warmups: int, repeats: int) -> float:
-    """GFLOP/s of the fastest of `repeats` n x n @ n x n matmuls in dtype (after `warmups` untimed ones)."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(dtype)
-    b = torch.randn(n, n, generator=generator).to(dtype)
-    for _ in range(warmups):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
 
 
 def bigram_stream(vocab_size: int, length: int, seed: int, successors: int = 4) -> torch.Tensor:
@@ -121,12 +107,12 @@ def main() -> None:
     step_flops = 3 * matmul_flops(config, batch_size, seq_len)
 
     # The peak, measured before the steps, on the same threads.
-    peak = {"fp32": matmul_peak(args.matmul_size, torch.float32, warmups=3, repeats=args.matmul_repeats)}
+    peak = {"fp32": matmul_peak(torch.float32, args.matmul_size, args.matmul_repeats) / 1e9}
     if fast_bf16 or args.force_bf16:
-        bf16_size, bf16_warmups, bf16_repeats = args.matmul_size, 3, args.matmul_repeats
+        bf16_size, bf16_repeats = args.matmul_size, args.matmul_repeats
     else:
-        bf16_size, bf16_warmups, bf16_repeats = min(args.matmul_size, SLOW_BF16_MATMUL_SIZE), 0, 1
-    peak["bf16"] = matmul_peak(bf16_size, torch.bfloat16, warmups=bf16_warmups, repeats=bf16_repeats)
+        bf16_size, bf16_repeats = min(args.matmul_size, SLOW_BF16_MATMUL_SIZE), 1
+    peak["bf16"] = matmul_peak(torch.bfloat16, bf16_size, bf16_repeats) / 1e9
 
     # Models: the same initial weights for every precision.
     torch.manual_seed(args.seed)

@@ -22,7 +22,7 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     Chapter 3, Model Code (ch03_model/)
     model            01_transformer_block, 02_gpt_model, 03_generation .ipynb
     generate         03_generation.ipynb
-    train            04_pretraining.ipynb
+    train            04_pretraining.ipynb                        python -m llmbook.train --preset book
     memory           05_memory.ipynb
     Chapter 4, Distributed Training (ch04_distributed/)
     launch           01_launching_and_data_parallel.ipynb        torchrun ... -m llmbook.launch

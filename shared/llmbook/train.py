@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,12 +35,12 @@ from llmbook.model import GPT, GPTConfig
 from llmbook.tokenizer import BPETokenizer
 
 __all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "has_fast_bf16",
-           "autocast_dtype", "random_batch", "evenly_spaced_batches", "validation_loss",
-           "CheckpointError", "CHECKPOINT_MAGIC", "save_checkpoint", "load_checkpoint",
-           "train_step", "train", "Preset", "PRESETS", "preset_key", "get_preset",
-           "pipeline_documents", "preset_documents", "tokenize_documents", "token_shards",
-           "Pretrained", "preset_and_folder", "pretrain", "PretrainedFileError", "SHIPPED_FILES",
-           "shipped_folder", "save_pretrained", "load_shipped", "load_pretrained"]
+           "matmul_peak", "autocast_dtype", "random_batch", "evenly_spaced_batches",
+           "validation_loss", "CheckpointError", "CHECKPOINT_MAGIC", "save_checkpoint",
+           "load_checkpoint", "train_step", "train", "Preset", "PRESETS", "preset_key",
+           "get_preset", "pipeline_documents", "preset_documents", "tokenize_documents",
+           "token_shards", "Pretrained", "preset_and_folder", "pretrain", "PretrainedFileError",
+           "SHIPPED_FILES", "shipped_folder", "save_pretrained", "load_shipped", "load_pretrained"]
 
 
 @dataclass
@@ -103,6 +104,20 @@ def has_fast_bf16(device: torch.device) -> bool:
         return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16
         return False
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul speed in FLOP/s: the fastest of `repeats` n x n products in dtype
+    (2 n^3 operations each), after a warm-up. The denominator of a measured MFU."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
