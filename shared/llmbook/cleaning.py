@@ -371,9 +371,14 @@ class PageView:
 
     @property
     def edited_text(self) -> str:
-        """The normalized text after the line rules; `lines_dropped` counts the lines per rule."""
+        """The normalized text after the line rules; `lines_dropped` counts the lines per rule.
+        Without line rules it is the normalized text as it is: the line rules strip every line,
+        which would undo a normalization that keeps indentation."""
         if self._edited is None:
-            self._edited, self.lines_dropped = apply_line_rules(self.text, self.line_rules)
+            if self.line_rules:
+                self._edited, self.lines_dropped = apply_line_rules(self.text, self.line_rules)
+            else:
+                self._edited, self.lines_dropped = self.text, Counter()
         return self._edited
 
 

@@ -330,13 +330,13 @@ PRESETS = {
         train=TrainConfig(max_steps=400, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
                           warmup_steps=40, eval_interval=50, eval_batches=8)),
     # The book's model, shipped with it: 5.3M parameters trained on Python's reference manual and the
-    # standard library's source code (prose and code, 10.4 MB) in about 40 minutes on 2 CPU cores, by
+    # standard library's source code (prose and code, 10.4 MB) in about 35 minutes on 2 CPU cores, by
     # `python -m llmbook.train --preset book`. Chapter 5 evaluates and fine-tunes it.
     "book": Preset(
         corpus="offline+source", vocab_size=8192, shipped=True,
         model=GPTConfig(vocab_size=8192, context_length=256, n_layer=4, n_head=4, d_model=256,
                         pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-        train=TrainConfig(max_steps=1800, batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4,
+        train=TrainConfig(max_steps=1400, batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4,
                           warmup_steps=100, eval_interval=100, eval_batches=8)),
     # One modern GPU, minutes: a 34M-parameter model on TinyStories' pinned 19 MB file (downloaded
     # once), sized so that the run passes over its few million tokens about four times.
