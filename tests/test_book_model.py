@@ -118,8 +118,9 @@ def book_documents():
 
 def test_book_split_has_no_module_on_both_sides(book_documents):
     train_docs, val_docs = book_documents
-    assert {d.source for d in train_docs} == {d.source for d in val_docs} == {
-        "pydoc_topics", "stdlib_docstrings", "stdlib_source"}
+    assert {d.source for d in train_docs} == {d.source for d in val_docs} == {"pydoc_topics", "stdlib_source"}
+    code = [d.text for d in train_docs if d.source == "stdlib_source"]
+    assert sum(text.count("\n        return ") for text in code) > 1000      # indentation kept
     train_units = {split_unit(d.id) for d in train_docs}
     leaked = [d.id for d in val_docs if split_unit(d.id) in train_units]
     assert not leaked, f"validation documents whose module is also in training: {leaked}"

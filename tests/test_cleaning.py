@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmbook.cleaning import (C4_LINE_RULES, RULES, LineRule, PageView, RawDocument, Rule, apply_line_rules,
+from llmbook.cleaning import (C4_LINE_RULES, INPUT_RULES, RULES, LineRule, PageView, RawDocument, Rule, apply_line_rules,
                               clean_corpus, clean_document, count_sentences, decode_utf8, duplicate_fractions,
-                              ngram_character_fractions, normalize_text, normalize_whitespace,
+                              ngram_character_fractions, normalize_keeping_layout, normalize_text,
+                              normalize_whitespace,
                               remove_control_characters, to_nfc)
 from llmbook.corpus import Document
 
@@ -344,3 +345,26 @@ def test_invalid_rule_lists_raise_clear_errors():
         clean_corpus([GOOD_PAGE], (Rule("odd", "x", "no_such_statistic", ">", 0, "test"),))
     with pytest.raises(KeyError, match="Unknown statistic"):
         PageView("text").value("no_such_statistic")
+
+
+# ---- curated text: the input checks and a normalization that keeps the layout -------------------
+
+CODE = ("class Stack:\n    \"\"\"A stack.  See [1] and [edit].\"\"\"\n\n\n    def push(self, item):\n"
+        "\tself.items.append(item)   \n        return item\r\n")
+
+
+def test_curated_cleaning_keeps_code_exactly_as_written():
+    kept, report = clean_corpus([Document("m#source", CODE, "code")], INPUT_RULES, (), normalize_keeping_layout)
+    assert report.n_kept == 1
+    # only the Windows line end and the trailing spaces go; indentation, tabs, blank lines, double
+    # spaces and bracketed text (a citation marker to C4's line rules) stay
+    assert kept[0].text == CODE.replace("   \n", "\n").replace("\r\n", "\n").rstrip("\n")
+    assert "\n    def push" in kept[0].text and "[1] and [edit]" in kept[0].text
+    # the web pipeline's normalization strips every line, which is why it is not used for code
+    assert "\n    def" not in normalize_text(CODE)
+
+
+def test_input_rules_are_the_input_stage_of_rules():
+    assert INPUT_RULES == tuple(rule for rule in RULES if rule.stage == "input") and INPUT_RULES
+    _, report = clean_corpus([b"\x00\x01\x02" * 100, "", CODE], INPUT_RULES, (), normalize_keeping_layout)
+    assert [r.rule for r in report.rejections] == ["binary", "empty"] and report.n_kept == 1
