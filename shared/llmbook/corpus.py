@@ -276,12 +276,12 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
                 limit: int | None = None) -> tuple[Document, ...]:
     """The corpus the book trains on, chosen by one setting.
 
-    `name` is "offline" (the standard-library prose, no network), "offline+source" (the same
-    prose and the standard library's source code: the book's model trains on it), a registered source in
-    `SOURCES` ("tinyshakespeare", "tinystories", "fineweb-edu"; downloaded once into `cache`), or
-    the path of a .txt/.jsonl file or folder of them. Without `name`, the environment variable
-    LLMBOOK_CORPUS decides, and it defaults to "offline": the notebooks use that default, so
-    their outputs are the same on every machine. `limit` keeps only the first documents."""
+    `name` is "offline" (the standard-library prose, no network), "offline+source" (the
+    reference manual and the standard library's source code: the book's model trains on it), a
+    registered source in `SOURCES` ("tinyshakespeare", "tinystories", "fineweb-edu"; downloaded
+    once into `cache`), or the path of a .txt/.jsonl file or folder of them. Without `name`, the
+    environment variable LLMBOOK_CORPUS decides, and it defaults to "offline": the notebooks use
+    that default, so their outputs are the same on every machine. `limit` keeps only the first documents."""
     if limit is not None:
         positive_int(limit, "limit (or None)")
     chosen = name if name is not None else os.environ.get("LLMBOOK_CORPUS", "").strip() or "offline"
