@@ -281,7 +281,8 @@ def load_corpus(name: str | None = None, *, cache: str | os.PathLike | None = No
     registered source in `SOURCES` ("tinyshakespeare", "tinystories", "fineweb-edu"; downloaded
     once into `cache`), or the path of a .txt/.jsonl file or folder of them. Without `name`, the
     environment variable LLMBOOK_CORPUS decides, and it defaults to "offline": the notebooks use
-    that default, so their outputs are the same on every machine. `limit` keeps only the first documents."""
+    that default, so their outputs are the same on every machine. `limit` keeps only the first
+    documents."""
     if limit is not None:
         positive_int(limit, "limit (or None)")
     chosen = name if name is not None else os.environ.get("LLMBOOK_CORPUS", "").strip() or "offline"
