@@ -40,7 +40,8 @@ __all__ = ["TrainConfig", "TrainLog", "learning_rate", "make_optimizer", "has_fa
            "load_checkpoint", "train_step", "train", "Preset", "PRESETS", "preset_key",
            "get_preset", "pipeline_documents", "preset_documents", "tokenize_documents",
            "token_shards", "Pretrained", "preset_and_folder", "pretrain", "PretrainedFileError",
-           "SHIPPED_FILES", "shipped_folder", "save_pretrained", "load_shipped", "load_pretrained"]
+           "SHIPPED_FORMAT", "SHIPPED_VERSION", "SHIPPED_FILES", "shipped_folder",
+           "save_pretrained", "load_shipped", "load_pretrained"]
 
 
 @dataclass
@@ -461,7 +462,8 @@ class PretrainedFileError(LLMBookError, FileNotFoundError):
     """A shipped model's file is missing, corrupted or from other settings."""
 
 
-SHIPPED_FORMAT, SHIPPED_VERSION = "llmbook-pretrained", 1
+SHIPPED_FORMAT = "llmbook-pretrained"
+SHIPPED_VERSION = 1
 SHIPPED_FILES = ("model.safetensors", "tokenizer.json", "train_log.json")
 
 
