@@ -36,16 +36,8 @@ def toy_corpus(name=None, **kwargs):
 
 
 @pytest.fixture
-def toy_preset(monkeypatch):
-    preset = T.Preset(
-        corpus="toy", vocab_size=300, val_fraction=0.25,
-        model=GPTConfig(vocab_size=300, context_length=16, n_layer=1, n_head=2, d_model=16,
-                        pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-        train=T.TrainConfig(max_steps=6, batch_size=4, seq_len=16, warmup_steps=2,
-                            eval_interval=3, eval_batches=2))
-    monkeypatch.setitem(T.PRESETS, "toy", preset)
-    monkeypatch.setattr(T, "load_corpus", toy_corpus)
-    return preset
+def toy_preset(register_tiny_preset):
+    return register_tiny_preset("toy", toy_corpus, val_fraction=0.25)
 
 
 # ---- Chapter 2's pipeline feeds training ------------------------------------------------------

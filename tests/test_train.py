@@ -341,16 +341,8 @@ def small_corpus(name=None, **kwargs):
 
 
 @pytest.fixture
-def tiny_preset(monkeypatch):
-    preset = T.Preset(
-        corpus="offline", vocab_size=300, val_fraction=0.2,
-        model=GPTConfig(vocab_size=300, context_length=16, n_layer=1, n_head=2, d_model=16,
-                        pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-        train=T.TrainConfig(max_steps=6, batch_size=4, seq_len=16, warmup_steps=2,
-                            eval_interval=3, eval_batches=2))
-    monkeypatch.setitem(T.PRESETS, "tiny", preset)
-    monkeypatch.setattr(T, "load_corpus", small_corpus)
-    return preset
+def tiny_preset(register_tiny_preset):
+    return register_tiny_preset("tiny", small_corpus, val_fraction=0.2)
 
 
 def test_load_pretrained_trains_once_then_uses_the_cache(tmp_path, monkeypatch, tiny_preset):

@@ -492,7 +492,7 @@ def load_shipped(name: str, folder=None) -> Pretrained:
     """Load a shipped preset's model after checking every file against the digests in config.json."""
     preset, folder = get_preset(name), Path(folder or shipped_folder(name))
     fix = (f"restore the shipped files with `git checkout -- {folder.name}` in {folder.parent}, or "
-           f"rebuild them with `python -m llmbook.train --preset {name}` (about an hour on 2 CPU cores)")
+           f"rebuild them with `python -m llmbook.train --preset {name}` (about 35 minutes on 2 CPU cores)")
     try:
         config = read_versioned_json(folder / "config.json", SHIPPED_FORMAT, SHIPPED_VERSION,
                                      what=f"the config of the book's {name!r} model")
