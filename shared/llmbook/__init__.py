@@ -24,6 +24,7 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     generate         03_generation.ipynb
     train            04_pretraining.ipynb                        python -m llmbook.train --preset book
     memory           05_memory.ipynb
+    interpret        06_inside_the_model.ipynb
     Chapter 4, Distributed Training (ch04_distributed/)
     launch           01_launching_and_data_parallel.ipynb        torchrun ... -m llmbook.launch
     data_parallel    01_launching_and_data_parallel.ipynb        torchrun ... -m llmbook.data_parallel

@@ -150,7 +150,9 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, kv_cache=None):
+    def heads(self, x, positions):
+        """Queries, keys and values of x (B, T, d_model), each (B, heads, T, head_dim), with the
+        positions rotated in under RoPE. `llmbook.interpret` (3.6) reads attention maps with it."""
         B, T, _ = x.shape
         # (B, T, heads * head_dim) -> (B, T, heads, head_dim)
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
@@ -161,7 +163,11 @@ class CausalSelfAttention(nn.Module):
             # then stay views, and so does the attention output's way back to (B, T, d_model)
             q = apply_rope(q, positions[:, None], self.config.rope_base)
             k = apply_rope(k, positions[:, None], self.config.rope_base)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, positions, kv_cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.heads(x, positions)
         if kv_cache is not None:  # keys and values of all earlier tokens, then ours
             k, v = kv_cache.append(k, v)
         S = k.size(2)
