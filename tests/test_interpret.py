@@ -3,6 +3,7 @@ against attention computed by hand from a tiny model's weights, the logit lens a
 own logits, induction scores against their definition and on a model that has learned to copy."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_attention_patterns_equal_attention_computed_by_hand():
                                        dict(pos_encoding="rope", n_head=4, n_kv_head=2)])
 def test_patterns_are_causal_distributions_and_the_same_under_sdpa_and_naive_attention(overrides):
     sdpa = tiny_model(**overrides)
-    naive = GPT(GPTConfig(**{**vars(sdpa.config), "attention": "naive"})).eval()
+    naive = GPT(replace(sdpa.config, attention="naive")).eval()
     naive.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(2))
     patterns = attention_patterns(sdpa, idx)

@@ -46,7 +46,7 @@ def _check_tokens(model, idx, one_sequence: bool) -> None:
 def _recorded_forward(model, idx):
     """Run model(idx) once in eval mode, without gradients, and record (a) each attention layer's
     input, positions and output, and (b) the residual stream after the embedding and after each
-    block. Returns (records per layer, residual streams, logits)."""
+    block. Returns ([(layer, input, positions, output) per layer], residual streams, logits)."""
     layers, records, stream = _attention_layers(model), {}, []
     blocks = list(model.blocks.values())
     hooks = [layer.register_forward_hook(lambda m, args, out: records.__setitem__(m, (*args[:2], out)))
@@ -59,7 +59,7 @@ def _recorded_forward(model, idx):
     finally:
         for hook in hooks:
             hook.remove()
-    return [records[layer] for layer in layers], stream, logits
+    return [(layer, *records[layer]) for layer in layers], stream, logits
 
 
 def _attention_probabilities(model, idx) -> torch.Tensor:
@@ -67,7 +67,7 @@ def _attention_probabilities(model, idx) -> torch.Tensor:
     rebuilt from the layer's own queries and keys, and checked to reproduce the layer's output."""
     records, _, _ = _recorded_forward(model, idx)
     probabilities = []
-    for layer, (x, positions, output) in zip(_attention_layers(model), records):
+    for layer, x, positions, output in records:
         with torch.no_grad():
             q, k, v = layer.heads(x, positions)
             group = q.size(1) // k.size(1)  # grouped-query attention: a key/value head serves `group` queries
