@@ -8,14 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook.chat import (CHAT_TOKENS, TASK_FAMILIES, add_chat_tokens, check_answer, encode_chat,
-                          fit_history, grow_vocabulary, load_chat_model, make_tasks, render,
-                          save_chat_model, sft_batch, stream_reply)
+from llmbook.chat import (ARITHMETIC, CHAT_TOKENS, REFUSAL, TASK_FAMILIES, add_chat_tokens, check_answer,
+                          counted_loss, encode_chat, evaluate_tasks, fit_history, grow_vocabulary,
+                          load_chat_checkpoint, load_chat_model, make_tasks, render, replies, reply,
+                          save_chat_model, sft_batch, stream_reply, task_accuracy)
 from llmbook.model import GPT, GPTConfig
 from llmbook.tokenizer import BPETokenizer
 from llmbook.train import CheckpointError, save_checkpoint
 
 WORDS = [f"w{'abcdefghij'[i // 10]}{'abcdefghij'[i % 10]}" for i in range(60)]
+THRESHOLD = 0.9  # held-out exact match the book's chat model reaches on every task family
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +113,31 @@ def test_grow_vocabulary_keeps_old_logits_tied_and_untied():
 
 def test_tasks_deterministic_and_disjoint():
     train = make_tasks(WORDS, 2000, "train", seed=0)
-    held = make_tasks(WORDS, 500, "held-out", seed=1)
+    held = make_tasks(WORDS, 800, "heldout", seed=1)
     assert train == make_tasks(WORDS, 2000, "train", seed=0)
     assert train != make_tasks(WORDS, 2000, "train", seed=7)
     assert {e.prompt for e in train}.isdisjoint({e.prompt for e in held})
     held_words = {e.answer for e in held if e.family == "repeat"}
     assert held_words.isdisjoint(e.answer for e in train if e.family == "repeat")
     assert {e.family for e in held} == set(TASK_FAMILIES)
-    for e in held:
+    sums = make_tasks(WORDS, 50, "heldout", seed=1, families=ARITHMETIC)
+    assert {e.prompt for e in sums}.isdisjoint(e.prompt for e in make_tasks(WORDS, 500, "train", 0, families=ARITHMETIC))
+    for e in held + sums:
         if e.family == "add":
             a, b = map(int, e.prompt.removeprefix("What is ").removesuffix("?").split(" + "))
             assert int(e.answer) == a + b
+        listed = e.prompt.split(": ")[-1].split()
         if e.family == "count":
-            assert int(e.answer) == len(e.prompt.split(": ")[1].split())
+            assert int(e.answer) == len(listed)
+        if e.family in ("first", "last"):
+            assert e.answer == listed[0 if e.family == "first" else -1]
+        if e.family == "refuse":
+            assert e.answer == REFUSAL
+    train_requests = {e.prompt.rsplit(" ", 1)[0] for e in train if e.family == "refuse"}
+    held_requests = {e.prompt.rsplit(" ", 1)[0] for e in held if e.family == "refuse"}
+    assert len(train_requests) == 24 and len(held_requests) == 6 and train_requests.isdisjoint(held_requests)
     with pytest.raises(ValueError, match="split"):
-        make_tasks(WORDS, 5, "test")
+        make_tasks(WORDS, 5, "held-out")
 
 
 def test_check_answer():
@@ -169,8 +181,9 @@ def test_stream_reply_decodes_split_characters(tokenizer):
 def test_save_load_round_trip(tokenizer, tmp_path):
     model = tiny_model(tokenizer.vocab_size)
     path = tmp_path / "chat.ckpt"
-    save_chat_model(path, model, tokenizer)
-    loaded, loaded_tokenizer = load_chat_model(path)
+    save_chat_model(path, model, tokenizer, losses=[2.5, 1.25])
+    loaded, loaded_tokenizer, losses = load_chat_checkpoint(path)
+    assert losses == [2.5, 1.25]
     x = torch.randint(0, tokenizer.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -179,7 +192,35 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     with pytest.raises(CheckpointError, match="pretraining checkpoint"):
         pretraining = tmp_path / "model.ckpt"
         save_checkpoint(pretraining, {"model": model.state_dict(), "train_config": {}, "step": 1})
-        load_chat_model(pretraining)
+        load_chat_checkpoint(pretraining)
+
+
+def test_counted_loss_equals_the_masked_loss(tokenizer):
+    model = tiny_model(tokenizer.vocab_size)
+    examples = make_tasks(WORDS, 8, "train", seed=3)
+    inputs, targets = sft_batch([encode_chat(tokenizer, e.messages()) for e in examples], pad_id=261)
+    torch.testing.assert_close(counted_loss(model, inputs, targets), model(inputs, targets))
+
+
+def test_batched_replies_equal_one_at_a_time(tokenizer):
+    """Prompts of different lengths, greedy: replies() must give exactly what reply() gives."""
+    model = tiny_model(tokenizer.vocab_size, seed=1)
+    examples = make_tasks(WORDS, 24, "heldout", seed=2)
+    conversations = [e.messages(with_answer=False) for e in examples]
+    assert len({len(encode_chat(tokenizer, c, add_generation_prompt=True)[0]) for c in conversations}) > 3
+    assert replies(model, tokenizer, conversations, 6) == [reply(model, tokenizer, c, 6) for c in conversations]
+    counts = evaluate_tasks(model, tokenizer, examples, 6)
+    assert set(counts) == set(TASK_FAMILIES) and sum(total for _, total in counts.values()) == 24
+
+
+def test_the_book_chat_model_does_its_tasks():
+    """The shipped pipeline: the book's chat model (cached, or trained now by the book's recipe)
+    on held-out prompts drawn with a seed the notebook does not use."""
+    chat = load_chat_model(seed=0, progress=False)
+    counts = task_accuracy(chat.model, chat.tokenizer, "heldout", per_family=40, seed=11)
+    assert set(counts) == set(TASK_FAMILIES)
+    low = {family: (correct, total) for family, (correct, total) in counts.items() if correct < THRESHOLD * total}
+    assert not low, f"families below {THRESHOLD:.0%}: {low}"
 
 
 def run_chat(args, stdin="", timeout=60):

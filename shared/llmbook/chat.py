@@ -2,32 +2,45 @@
 # Source: ch05_evaluation/04_chat.ipynb
 # Edit the notebook, then run `python tools/export.py`.
 
-"""From base model to chatbot: a chat template with special tokens, instruction data, supervised
-fine-tuning with the loss masked to the assistant's tokens, streaming replies, chat checkpoints and
-a terminal chat (`python -m llmbook.chat --checkpoint PATH`)."""
+"""From base model to chatbot: a chat template with special tokens, generated instruction tasks with
+held-out splits, supervised fine-tuning with the loss masked to the assistant's tokens, streaming
+and batched replies, the book's chat model (`load_chat_model()`, trained once and cached) and a
+terminal chat (`python -m llmbook.chat`)."""
 
 import argparse
 import codecs
+import collections
+import functools
 import hashlib
+import inspect
+import json
 import os
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmbook import LLMBookError
-from llmbook.generate import stream_tokens
+from llmbook.corpus import load_corpus
+from llmbook.files import cache_dir, file_lock, file_sha256
+from llmbook.generate import generate, stream_tokens
 from llmbook.model import GPT, GPTConfig
 from llmbook.tokenizer import BPETokenizer
 from llmbook.train import (CheckpointError, TrainConfig, autocast_dtype, learning_rate,
-                           load_checkpoint, make_optimizer, save_checkpoint, train_step)
+                           load_checkpoint, load_pretrained, make_optimizer, save_checkpoint,
+                           train_step)
 
 __all__ = ["ROLES", "CHAT_TOKENS", "END", "add_chat_tokens", "grow_vocabulary", "render",
-           "encode_chat", "TASK_FAMILIES", "SPLIT_SEED", "Example", "make_tasks", "check_answer",
-           "fit_history", "stream_reply", "reply", "evaluate_tasks", "sft_batch",
-           "supervised_finetune", "CHAT_FORMAT", "save_chat_model", "load_chat_model"]
+           "encode_chat", "TASK_FAMILIES", "ARITHMETIC", "TRAINING_MIX", "SFT_EXAMPLES",
+           "SPLIT_SEED", "REFUSAL", "OUT_OF_SCOPE", "Example", "task_words", "make_tasks",
+           "check_answer", "fit_history", "stream_reply", "reply", "replies", "evaluate_tasks",
+           "task_accuracy", "SFT_CONFIG", "sft_batch", "counted_loss", "supervised_finetune",
+           "CHAT_FORMAT", "save_chat_model", "load_chat_checkpoint", "ChatModel",
+           "chat_base_model", "train_chat_model", "chat_model_path", "load_chat_model"]
 
 
 ROLES = ("user", "assistant")
@@ -106,8 +119,21 @@ def encode_chat(tokenizer: BPETokenizer, messages, add_generation_prompt: bool =
     return ids, mask
 
 
-TASK_FAMILIES = ("repeat", "count", "compare", "larger", "add")
-SPLIT_SEED = 1234  # fixes which words and number pairs are held out, whatever seed draws the examples
+TASK_FAMILIES = ("repeat", "count", "first", "last", "compare", "larger", "refuse")
+ARITHMETIC = ("add",)  # one-digit sums: make_tasks draws them on request; not learned, see the notebook
+TRAINING_MIX = TASK_FAMILIES + ("compare", "larger")  # the number families, the hardest, twice as often
+SFT_EXAMPLES = 24_000  # training conversations of the book's chat model
+SPLIT_SEED = 1234  # fixes which words, pairs and requests are held out, whatever seed draws the examples
+REFUSAL = "Sorry, I can only do simple word and number tasks."
+OUT_OF_SCOPE = (  # openings of requests the assistant must decline; a topic word follows each
+    "Write a poem about", "Tell me a joke about", "Write a story about", "Explain the history of",
+    "Summarize the news about", "Translate into French:", "Draw a picture of", "Give me advice about",
+    "Write an essay on", "Describe the smell of", "Sing a song about", "Predict the future of",
+    "Compose a letter about", "Recommend a book about", "Argue against", "Invent a recipe with",
+    "Plan a trip to", "Find a cure for", "Review the movie", "Tell me the price of",
+    "Write a haiku about", "Debate the ethics of", "Teach me to dance like", "Sell me a",
+    "Name a famous", "Who invented the", "Where can I buy a", "How do I fix my", "Why is the sky",
+    "What does a")
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,26 @@ class Example:
     def messages(self, with_answer: bool = True) -> list:
         turns = [{"role": "user", "content": self.prompt}]
         return turns + [{"role": "assistant", "content": self.answer}] if with_answer else turns
+
+
+@functools.lru_cache(maxsize=1)
+def _prose_word_counts() -> collections.Counter:
+    return collections.Counter(re.findall(r"\b[a-z]+\b", " ".join(doc.text for doc in load_corpus("offline"))))
+
+
+def task_words(tokenizer: BPETokenizer) -> list:
+    """The words the tasks are made of: vocabulary entries of 4 to 8 lower-case ASCII letters with a
+    leading space (one token each) that occur at least 30 times as whole words in the documentation
+    prose, which rules out fragments such as " speci". Sorted."""
+    counts = _prose_word_counts()
+    words = set()
+    for token in tokenizer.mergeable_ranks:
+        text = token.decode("utf-8", errors="replace")
+        word = text[1:]
+        if (text.startswith(" ") and word.isascii() and word.isalpha() and word.islower()
+                and 4 <= len(word) <= 8 and counts[word] >= 30):
+            words.add(word)
+    return sorted(words)
 
 
 def _held_out_part(items, fraction):
@@ -139,27 +185,29 @@ def make_tasks(words, n: int, split: str = "train", seed: int = 0, families=TASK
                held_out_fraction: float = 0.2) -> list:
     """n instruction examples, cycling through the task families, drawn with random.Random(seed).
 
-    What is held out never appears in training, whatever the seeds: "repeat" holds out a fifth of
-    the words (fixed by SPLIT_SEED), so a held-out answer is a word never produced in training;
-    "count" holds out the word lists whose SHA-256 falls in the lowest fifth; "compare",
-    "larger" and "add" hold out a fifth of the number pairs."""
-    if split not in ("train", "held-out"):
-        raise ValueError(f"split={split!r}; choose 'train' or 'held-out'.")
-    unknown = [f for f in families if f not in TASK_FAMILIES]
+    No held-out prompt ever occurs in training, whatever the seeds. "repeat" holds out a fifth of
+    the words (fixed by SPLIT_SEED): they are never the word of a training "repeat" prompt, though
+    they do occur in the word lists of the other families. "count", "first" and "last" hold out
+    the word lists whose SHA-256 falls in the lowest fifth of its range; "compare", "larger" and
+    "add" a fifth of the number pairs; "refuse" a fifth of the out-of-scope requests."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}; choose 'train' or 'heldout'.")
+    unknown = [f for f in families if f not in TASK_FAMILIES + ARITHMETIC]
     if unknown or not families:
-        raise ValueError(f"unknown task families {unknown or families!r}; choose from {TASK_FAMILIES}.")
+        raise ValueError(f"unknown task families {unknown or families!r}; choose from {TASK_FAMILIES + ARITHMETIC}.")
     words = sorted(set(words))
     if len(words) < 25 or not all(isinstance(w, str) and w.isalpha() for w in words):
         raise ValueError("words must be at least 25 distinct alphabetic strings (one word each).")
-    part = 0 if split == "train" else 1
-    train_words, held_out_words = _held_out_part(words, held_out_fraction)
+    part = int(split == "heldout")
+    repeat_words = _held_out_part(words, held_out_fraction)[part]
     larger_pairs = _held_out_part([(a, b) for a in range(100) for b in range(100) if a != b], held_out_fraction)[part]
     add_pairs = _held_out_part([(a, b) for a in range(10) for b in range(10)], held_out_fraction)[part]
+    requests = _held_out_part(OUT_OF_SCOPE, held_out_fraction)[part]
     rng = random.Random(seed)
 
-    def word_list():  # lists of training words, on this split's side of the digest rule
+    def word_list():  # 3 to 5 words, on this split's side of the digest rule
         while True:
-            some = rng.sample(train_words, rng.randint(3, 5))
+            some = rng.sample(words, rng.randint(3, 5))
             if _in_held_out(some, held_out_fraction) == bool(part):
                 return some
 
@@ -167,20 +215,26 @@ def make_tasks(words, n: int, split: str = "train", seed: int = 0, families=TASK
     for i in range(n):
         family = families[i % len(families)]
         if family == "repeat":
-            word = rng.choice(held_out_words if part else train_words)
+            word = rng.choice(repeat_words)
             examples.append(Example(family, f"Repeat the word: {word}", word))
-        elif family == "count":
+        elif family in ("count", "first", "last"):
             some = word_list()
-            examples.append(Example(family, f"How many words are in: {' '.join(some)}", str(len(some))))
+            if family == "count":
+                examples.append(Example(family, f"How many words are in: {' '.join(some)}", str(len(some))))
+            else:
+                examples.append(Example(family, f"What is the {family} word of: {' '.join(some)}",
+                                        some[0] if family == "first" else some[-1]))
         elif family == "compare":
             a, b = rng.choice(larger_pairs)
             examples.append(Example(family, f"Is {a} greater than {b}?", "yes" if a > b else "no"))
         elif family == "larger":
             a, b = rng.choice(larger_pairs)
             examples.append(Example(family, f"Which number is larger, {a} or {b}?", str(max(a, b))))
-        else:
+        elif family == "add":
             a, b = rng.choice(add_pairs)
             examples.append(Example(family, f"What is {a} + {b}?", str(a + b)))
+        else:
+            examples.append(Example(family, f"{rng.choice(requests)} {rng.choice(words)}.", REFUSAL))
     return examples
 
 
@@ -247,16 +301,46 @@ def reply(model: GPT, tokenizer: BPETokenizer, messages, max_new_tokens: int = 3
     return "".join(stream_reply(model, tokenizer, messages, max_new_tokens, **sampling))
 
 
+@torch.no_grad()
+def replies(model: GPT, tokenizer: BPETokenizer, conversations, max_new_tokens: int = 16) -> list:
+    """The greedy replies to many conversations, as reply() gives them one at a time, but batched:
+    prompts of the same length in tokens share one batch (so there is no padding to mask), which
+    is decoded with the KV cache until every row has produced <|end|>."""
+    groups = {}
+    for index, messages in enumerate(conversations):
+        ids, _ = fit_history(tokenizer, messages, model.config.context_length, max_new_tokens)
+        groups.setdefault(len(ids), []).append((index, ids))
+    device = next(model.parameters()).device
+    special_ids = set(tokenizer.special_tokens.values())
+    texts = [""] * len(conversations)
+    for length, group in groups.items():
+        prompts = torch.tensor([ids for _, ids in group], device=device)
+        new = generate(model, prompts, max_new_tokens, temperature=0, eos_id=tokenizer.special_tokens[END])
+        for (index, _), row in zip(group, new[:, length:].tolist()):
+            stop = next((k for k, token in enumerate(row) if token in special_ids), len(row))
+            texts[index] = tokenizer.decode(row[:stop]).removeprefix(" ")
+    return texts
+
+
 def evaluate_tasks(model: GPT, tokenizer: BPETokenizer, examples, max_new_tokens: int = 16) -> dict:
-    """Greedy exact-match success rate per task family, and "overall"."""
-    hits, counts = {}, {}
-    for example in examples:
-        ok = check_answer(reply(model, tokenizer, example.messages(with_answer=False), max_new_tokens), example.answer)
-        hits[example.family] = hits.get(example.family, 0) + ok
-        counts[example.family] = counts.get(example.family, 0) + 1
-    rates = {family: hits[family] / counts[family] for family in counts}
-    rates["overall"] = sum(hits.values()) / max(1, sum(counts.values()))
-    return rates
+    """Greedy exact-match counts per task family: {family: (correct, total)}."""
+    answers = replies(model, tokenizer, [example.messages(with_answer=False) for example in examples], max_new_tokens)
+    counts = {}
+    for example, answer in zip(examples, answers):
+        correct, total = counts.get(example.family, (0, 0))
+        counts[example.family] = (correct + check_answer(answer, example.answer), total + 1)
+    return counts
+
+
+def task_accuracy(model: GPT, tokenizer: BPETokenizer, split: str = "heldout", per_family: int = 60,
+                  seed: int = 1) -> dict:
+    """{family: (correct, total)} on per_family examples of every task family drawn from split."""
+    examples = make_tasks(task_words(tokenizer), per_family * len(TASK_FAMILIES), split, seed)
+    return evaluate_tasks(model, tokenizer, examples)
+
+
+# the book's chat recipe; supervised_finetune takes any TrainConfig
+SFT_CONFIG = TrainConfig(max_steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.0)
 
 
 def sft_batch(encoded, pad_id: int, masked: bool = True):
@@ -276,6 +360,14 @@ def sft_batch(encoded, pad_id: int, masked: bool = True):
         keep = torch.tensor(mask[1:], dtype=torch.bool) if masked else torch.ones(len(ids) - 1, dtype=torch.bool)
         targets[row, :len(ids) - 1] = ids_t[1:].masked_fill(~keep, -100)
     return inputs, targets
+
+
+def counted_loss(model: GPT, inputs, targets):
+    """model(inputs, targets), with the head applied only where a target counts: the answers are a
+    few tokens of each conversation, and the 8,195-way head is a third of the model's work."""
+    hidden = model.hidden_states(inputs)
+    counted = targets != -100
+    return F.cross_entropy(model.lm_head(hidden[counted]), targets[counted])
 
 
 def supervised_finetune(model: GPT, tokenizer: BPETokenizer, examples, cfg: TrainConfig,
@@ -299,52 +391,105 @@ def supervised_finetune(model: GPT, tokenizer: BPETokenizer, examples, cfg: Trai
     for step in tqdm(range(cfg.max_steps), disable=not progress, desc="sft"):
         rows = torch.randint(0, len(encoded), (cfg.batch_size,), generator=sampler).tolist()
         batch = sft_batch([encoded[r] for r in rows], pad_id, masked)
-        losses.append(train_step(model, optimizer, batch, learning_rate(step, cfg), cfg.grad_clip, dtype))
+        losses.append(train_step(model, optimizer, batch, learning_rate(step, cfg), cfg.grad_clip, dtype,
+                                 loss_fn=counted_loss))
     return losses
 
 
-CHAT_FORMAT = "llmbook-chat-2"  # 2: the tokenizer is stored as its JSON file's text
+CHAT_FORMAT = "llmbook-chat-3"  # 2: the tokenizer is stored as its JSON file's text; 3: with the losses
 
 
-def save_chat_model(path, model: GPT, tokenizer: BPETokenizer) -> None:
-    """Save a chat model: its config, weights and tokenizer (the text of its JSON file), with a
-    format tag, atomically and with a SHA-256 (llmbook.train.save_checkpoint)."""
+def save_chat_model(path, model: GPT, tokenizer: BPETokenizer, losses=()) -> None:
+    """Save a chat model: its config, weights, tokenizer (the text of its JSON file) and training
+    losses, with a format tag, atomically and with a SHA-256 (llmbook.train.save_checkpoint)."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size} embedding rows; grow the model with grow_vocabulary first.")
     save_checkpoint(path, {
         "format": CHAT_FORMAT, "model_config": asdict(model.config),
         "model": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
-        "tokenizer": tokenizer.to_json()})
+        "tokenizer": tokenizer.to_json(), "losses": [float(loss) for loss in losses]})
 
 
-def load_chat_model(path, device="cpu"):
-    """(model, tokenizer) saved by save_chat_model; the model is in eval mode.
+def load_chat_checkpoint(path, device="cpu"):
+    """(model, tokenizer, training losses) saved by save_chat_model; the model is in eval mode.
 
     Raises CheckpointError for a missing, corrupt or truncated file, and for a checkpoint of
     another kind (for example the pretraining checkpoint of the base model)."""
     state = load_checkpoint(path, map_location=device)
     if not isinstance(state, dict) or state.get("format") != CHAT_FORMAT:
         if isinstance(state, dict) and "train_config" in state and "model" in state:
-            raise CheckpointError(f"{os.fspath(path)} is a pretraining checkpoint, not a chat model: run "
-                                  "ch05_evaluation/04_chat.ipynb first, or pass the chat.ckpt it saves.")
+            raise CheckpointError(f"{os.fspath(path)} is a pretraining checkpoint, not a chat model; "
+                                  "load_chat_model() gives the book's chat model.")
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{os.fspath(path)} is not a chat model (format {found!r}, expected "
                               f"{CHAT_FORMAT!r}); save one with save_chat_model.")
     model = GPT(GPTConfig(**state["model_config"])).to(device)
     model.load_state_dict(state["model"])
     tokenizer = BPETokenizer.from_json(state["tokenizer"], name=f"{os.fspath(path)} (its tokenizer)")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, state["losses"]
+
+
+@dataclass
+class ChatModel:
+    """A fine-tuned chat model, its tokenizer (with the chat tokens), the loss of every training
+    step and the file it came from."""
+
+    model: GPT
+    tokenizer: BPETokenizer
+    losses: list
+    checkpoint: str
+
+
+def chat_base_model():
+    """The book's pretrained model with room for the chat tokens, and its chat tokenizer."""
+    pretrained = load_pretrained("book")
+    tokenizer = add_chat_tokens(pretrained.tokenizer)
+    return grow_vocabulary(pretrained.model.cpu(), tokenizer.vocab_size).eval(), tokenizer
+
+
+def train_chat_model(seed: int = 0, progress: bool = True):
+    """The book's chat recipe: SFT_EXAMPLES training tasks of TRAINING_MIX drawn with seed, then
+    SFT_CONFIG with that seed. Deterministic. Returns (model in eval mode, tokenizer, losses)."""
+    model, tokenizer = chat_base_model()
+    examples = make_tasks(task_words(tokenizer), SFT_EXAMPLES, "train", seed, families=TRAINING_MIX)
+    losses = supervised_finetune(model, tokenizer, examples, replace(SFT_CONFIG, seed=seed), progress=progress)
+    return model.eval(), tokenizer, losses
+
+
+def chat_model_path(seed: int = 0, cache=None) -> str:
+    """Where load_chat_model keeps the model of seed: a folder named by a digest of everything that
+    determines it (the base weights, the recipe's code and constants, the seed)."""
+    code = [inspect.getsource(function) for function in (
+        add_chat_tokens, grow_vocabulary, encode_chat, task_words, make_tasks, sft_batch, counted_loss,
+        supervised_finetune, train_chat_model)]
+    constants = [repr(SFT_CONFIG), SFT_EXAMPLES, TRAINING_MIX, OUT_OF_SCOPE, REFUSAL, SPLIT_SEED]
+    recipe = json.dumps([file_sha256(load_pretrained("book").checkpoint), code, constants, seed])
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return os.path.join(os.fspath(cache or cache_dir()), "models", f"chat-{key}", "chat.ckpt")
+
+
+def load_chat_model(seed: int = 0, cache=None, progress: bool = True) -> ChatModel:
+    """The book's chat model fine-tuned with seed: from the cache when an earlier run stored it,
+    or trained now (train_chat_model, about two minutes on two cores) and cached; if another
+    process is training it, wait for it and load its result."""
+    path = chat_model_path(seed, cache)
+    if not os.path.exists(path):
+        with file_lock(path + ".lock"):  # then look again: the lock's holder may have just finished
+            if not os.path.exists(path):
+                save_chat_model(path, *train_chat_model(seed, progress))
+    return ChatModel(*load_chat_checkpoint(path), path)
 
 
 def main(argv=None) -> None:
-    """The terminal chat: `python -m llmbook.chat --checkpoint PATH [--temperature T] ...`."""
+    """The terminal chat: `python -m llmbook.chat [--checkpoint PATH] [--temperature T] ...`."""
     parser = argparse.ArgumentParser(
         prog="python -m llmbook.chat",
-        description="Chat with a model fine-tuned by ch05_evaluation/04_chat.ipynb. Type a message and "
+        description="Chat with the book's chat model (or a checkpoint saved by save_chat_model). Type a message and "
                     "press Enter; /reset forgets the conversation; /quit, /exit or Ctrl-D ends; "
                     "Ctrl-C stops a reply.")
-    parser.add_argument("--checkpoint", required=True, help="a chat.ckpt saved by save_chat_model")
+    parser.add_argument("--checkpoint", help="a chat.ckpt saved by save_chat_model (default: the book's chat "
+                        "model, load_chat_model(); trained and cached first if there is none, a few minutes)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest reply in tokens (default 48)")
@@ -353,7 +498,11 @@ def main(argv=None) -> None:
     if args.temperature < 0 or args.max_new_tokens < 1:
         parser.error("--temperature must be >= 0 and --max-new-tokens >= 1")
     try:
-        model, tokenizer = load_chat_model(args.checkpoint)
+        if args.checkpoint is None:
+            chat = load_chat_model(progress=True)
+            model, tokenizer = chat.model, chat.tokenizer
+        else:
+            model, tokenizer, _ = load_chat_checkpoint(args.checkpoint)
     except (LLMBookError, OSError) as error:  # OSError: a folder, no permission, ...
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

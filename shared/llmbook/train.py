@@ -228,16 +228,18 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, lr: float, grad_clip: float | None,
-               dtype: torch.dtype | None = None) -> float:
+               dtype: torch.dtype | None = None, loss_fn=None) -> float:
     """One optimizer step on one (inputs, targets) batch: set the learning rate, forward and loss
     under autocast, backward, clip the global gradient norm, step, free the gradients. Returns the
-    loss. Pretraining and fine-tuning (Chapter 5's chatbot) both take their steps here."""
+    loss. Pretraining and fine-tuning (Chapter 5's chatbot) both take their steps here; the loss is
+    model(inputs, targets) unless loss_fn(model, inputs, targets) computes it another way."""
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = lr
     inputs, targets = batch
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss = model(inputs.to(device), targets.to(device))
+        inputs, targets = inputs.to(device), targets.to(device)
+        loss = model(inputs, targets) if loss_fn is None else loss_fn(model, inputs, targets)
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
