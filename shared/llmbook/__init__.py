@@ -41,6 +41,10 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     sandbox          03_humaneval.ipynb
     chat             04_chat.ipynb                               python -m llmbook.chat
     contamination    05_contamination.ipynb
+    classify         06_classifier_and_lora.ipynb
+    lora             06_classifier_and_lora.ipynb
+    preference       07_preference_tuning.ipynb
+    rl               08_rl_verifiable_rewards.ipynb
 """
 
 import numbers

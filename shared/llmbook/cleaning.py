@@ -8,9 +8,13 @@ Normalization (UTF-8 decoding, control characters, Unicode NFC, whitespace), the
 heuristic filters as data: Gopher's quality and repetition rules (Rae et al., 2021, Appendix A) and
 C4's line and page rules (Raffel et al., 2020, Sec. 2.2). `clean_corpus` runs them in a fixed order
 and reports, for every rejected document, the first rule that fired and the measured value.
+`build_mini_crawl` makes a small synthetic web crawl with known junk to measure the filters on.
 """
 
+import importlib
+import inspect
 import operator
+import random
 import re
 import string
 import unicodedata
@@ -28,7 +32,12 @@ __all__ = ["REPLACEMENT_CHARACTER", "decode_utf8", "to_nfc", "remove_control_cha
            "LineRule", "C4_LINE_RULES", "apply_line_rules", "count_sentences", "GOPHER",
            "C4_PAPER", "OURS", "Rule", "RULES", "INPUT_RULES", "PageView", "STATISTIC_GROUPS",
            "RawDocument", "Rejection", "first_failing_rule", "CleaningReport", "clean_document",
-           "clean_corpus"]
+           "clean_corpus", "NAV_LINES", "FOOTER_LINES", "COOKIE_BANNERS", "as_web_page",
+           "add_boilerplate", "LOREM", "SPAM_PRODUCTS", "SPAM_PLACES", "SPAM_TEMPLATES",
+           "SHORT_PAGES", "CODE_MODULES", "HASHTAGS", "lorem_ipsum_page", "keyword_spam_page",
+           "code_dump_page", "duplicated_lines_page", "bullet_list_page", "ellipsis_teaser_page",
+           "hashtag_page", "cookie_banner_page", "JUNK_MAKERS", "corpus_sentences", "bad_payloads",
+           "build_mini_crawl"]
 
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -523,3 +532,174 @@ def clean_corpus(raw_docs, rules=RULES, line_rules=C4_LINE_RULES,
         report.replacement_characters += page.replacements
         kept.append(Document(doc_id, text, source))
     return kept, report
+
+
+# Lines a real site wraps around every article.
+NAV_LINES = ["Home | About | Blog | Contact", "Skip to content", "Menu", "Search this site",
+             "Home > Docs > Reference", "Sign in | Register", "Toggle navigation", "Previous | Next"]
+FOOTER_LINES = ["\u00a9 2024 Example Docs. All rights reserved.", "Privacy Policy | Terms of Use | Sitemap",
+                "Share this: Facebook Twitter LinkedIn Email", "Back to top",
+                "Powered by WordPress | Theme by Example Themes",
+                "Please enable JavaScript to view the comments powered by Disqus."]
+COOKIE_BANNERS = [
+    "This website uses cookies to ensure you get the best experience on our website. Learn more",
+    "We use cookies to personalise content and ads and to analyse our traffic. By continuing to browse, "
+    "you agree to our Cookie Policy.",
+    "By clicking \u201cAccept all cookies\u201d, you agree to the storing of cookies on your device.",
+    "Accept all cookies", "Manage preferences", "Reject non-essential"]
+
+
+def as_web_page(text: str) -> str:
+    """Re-flow a hard-wrapped document the way an HTML-to-text extractor prints a page: one line per
+    paragraph, without the ***** or ===== lines that underline headings in plain text. Blocks whose
+    lines are all indented (code, grammar rules) keep their lines."""
+    blocks = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if not re.fullmatch(r"([*=~^-])\1{2,}", line.strip())]
+        if all(line.startswith((" ", "\t")) for line in lines if line.strip()):
+            blocks.append(block)
+        else:
+            blocks.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(blocks)
+
+
+def add_boilerplate(page: str, rng: random.Random) -> str:
+    """Navigation on top (half the time under a cookie banner), a footer below."""
+    header = rng.sample(NAV_LINES, rng.randint(1, 3))
+    if rng.random() < 0.5:
+        header.insert(0, rng.choice(COOKIE_BANNERS[:3]))
+    footer = rng.sample(FOOTER_LINES, rng.randint(1, 3))
+    return "\n".join(header) + "\n\n" + page + "\n\n" + "\n".join(footer)
+
+
+LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
+         "et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip "
+         "ex ea commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum eu fugiat "
+         "nulla pariatur excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt "
+         "mollit anim id est laborum").split()
+SPAM_PRODUCTS = ["cheap flights", "replica watches", "payday loans", "weight loss pills",
+                 "free movie download", "best vpn", "car insurance quotes", "online casino bonus"]
+SPAM_PLACES = ["London", "New York", "Paris", "online", "near me", "2024", "today", "for you"]
+SPAM_TEMPLATES = ["Best {p} {q}.", "{P} {q} - compare {p} and save!", "Looking for {p}? We have the best {p} {q}.",
+                  "Top 10 {p} {q}", "{P} | {p} {q} | cheapest {p}", "Buy {p} {q} with the lowest prices.",
+                  "Get {p} now and find the best deals on {p}."]
+SHORT_PAGES = ["404 Not Found", "Page not found. The page you are looking for does not exist or has been moved.",
+               "Loading...", "Coming soon!", "Access denied. Please log in to continue.",
+               "This domain is for sale. Contact the owner for details.", "Under construction",
+               "Thank you for subscribing! Check your inbox to confirm your email address.",
+               "Redirecting to the new location of this page. Click here if you are not redirected."]
+CODE_MODULES = ["json.decoder", "textwrap", "heapq", "bisect", "fnmatch", "colorsys", "shlex", "string",
+                "glob", "calendar", "statistics", "fractions", "difflib", "pprint", "queue", "random"]
+HASHTAGS = ["#travel", "#photooftheday", "#love", "#instagood", "#summer", "#food", "#fitness", "#nature",
+            "#tbt", "#happy", "#follow", "#style", "#beach", "#art"]
+
+
+def lorem_ipsum_page(rng, sentences):
+    paragraphs = []
+    for _ in range(rng.randint(2, 5)):
+        words_per_sentence = [rng.randint(6, 14) for _ in range(rng.randint(3, 7))]
+        paragraphs.append(" ".join(" ".join(rng.choice(LOREM) for _ in range(n)).capitalize() + "."
+                                   for n in words_per_sentence))
+    return "\n".join(rng.sample(NAV_LINES, 2)) + "\n\nLorem ipsum dolor sit amet. " + "\n\n".join(paragraphs)
+
+
+def keyword_spam_page(rng, sentences):
+    product = rng.choice(SPAM_PRODUCTS)
+    return "\n".join(rng.choice(SPAM_TEMPLATES).format(p=product, P=product.title(), q=rng.choice(SPAM_PLACES))
+                     for _ in range(rng.randint(8, 25)))
+
+
+def code_dump_page(rng, sentences):
+    """A slice of a standard-library module's source, as on a paste site."""
+    source = inspect.getsource(importlib.import_module(rng.choice(CODE_MODULES))).split("\n")
+    start = rng.randrange(0, max(1, len(source) - 120))
+    return rng.choice(["Paste #", "Raw | Download | Clone", "View source"]) + "\n\n" + \
+        "\n".join(source[start:start + rng.randint(40, 120)])
+
+
+def duplicated_lines_page(rng, sentences):
+    pool = rng.sample(sentences, rng.randint(2, 5))
+    return "\n".join(rng.choice(pool) for _ in range(rng.randint(10, 30)))
+
+
+def bullet_list_page(rng, sentences):
+    marker = rng.choice(["- ", "* ", "\u2022 "])
+    return "\n".join(marker + " ".join(s.split()[:rng.randint(2, 6)])
+                     for s in rng.sample(sentences, rng.randint(12, 40)))
+
+
+def ellipsis_teaser_page(rng, sentences):
+    """A blog index: truncated first lines of posts, each with a 'Read more' link."""
+    teasers = [" ".join(s.split()[:rng.randint(8, 16)]) + " ..." for s in rng.sample(sentences, rng.randint(8, 20))]
+    return "Latest posts\n\n" + "\n".join(teaser + "\nRead more" for teaser in teasers)
+
+
+def hashtag_page(rng, sentences):
+    posts = [" ".join(rng.choice(sentences).split()[:rng.randint(5, 12)]) + " "
+             + " ".join(rng.sample(HASHTAGS, rng.randint(4, 9))) for _ in range(rng.randint(4, 10))]
+    return "\n\n".join(posts)
+
+
+def cookie_banner_page(rng, sentences):
+    """A page whose text is nothing but navigation, a cookie dialog and a footer."""
+    return "\n".join(rng.sample(NAV_LINES, 3) + rng.sample(COOKIE_BANNERS, 3) + rng.sample(FOOTER_LINES, 2))
+
+
+JUNK_MAKERS = {"cookie_banner": cookie_banner_page, "lorem_ipsum": lorem_ipsum_page,
+               "keyword_spam": keyword_spam_page, "short_page": lambda rng, s: rng.choice(SHORT_PAGES),
+               "code_dump": code_dump_page, "duplicated_lines": duplicated_lines_page,
+               "bullet_list": bullet_list_page, "ellipsis_teasers": ellipsis_teaser_page,
+               "hashtag_spam": hashtag_page}
+
+
+def corpus_sentences(documents) -> list[str]:
+    """Sentences of 8 to 30 words from the corpus, raw material for the junk that reuses real text
+    (interactive examples, with their >>> prompts, and code with braces are left out)."""
+    sentences = []
+    for doc in documents:
+        for sentence in re.split(r"(?<=[.!?])\s+", as_web_page(doc.text).replace("\n", " ")):
+            if 8 <= len(sentence.split()) <= 30 and ">>>" not in sentence and "{" not in sentence:
+                sentences.append(sentence)
+    return sentences
+
+
+def bad_payloads(rng, sentences) -> list[tuple[str, bytes | str]]:
+    """Payloads a crawler really returns: binary files, nothing, a giant line, the wrong encoding."""
+    french = ("Le caf\u00e9 de la gare est tr\u00e8s appr\u00e9ci\u00e9 des \u00e9l\u00e8ves: on y d\u00e9jeune "
+              "\u00e0 c\u00f4t\u00e9 des voyageurs, et l'\u00e9t\u00e9 la terrasse est pleine. ")
+    return [
+        ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + rng.randbytes(4000)),   # an image
+        ("binary", "Hello world, this is UTF-16. ".encode("utf-16-le") * 40),       # wrong codec, NULs
+        ("empty", b""),
+        ("empty", "   \n\t\n  \u00a0 \r\n"),
+        ("huge_single_line", b"data:application/octet-stream;base64," + b"QUJD" * 2_500_000),  # 10 MB
+        ("long_single_line", ("var a=function(b){return b+1};" * 12_000).encode()),          # minified JS
+        ("invalid_utf8", (french * 8).encode("cp1252")),                             # Windows-1252, not UTF-8
+        ("invalid_utf8", bytes(rng.randrange(128, 256) for _ in range(3000))),
+    ]
+
+
+def build_mini_crawl(documents, seed=0, junk_per_type=20, boilerplate_fraction=0.5) -> list[RawDocument]:
+    """Every corpus document as a page (some wrapped in site boilerplate, one of them with two stray
+    invalid bytes), `junk_per_type` pages of each kind of junk, and the bad payloads, shuffled. Each
+    page's `source` is its ground-truth label; the filters never read it."""
+    rng = random.Random(seed)
+    sentences = corpus_sentences(documents)
+    damaged_id = rng.choice([doc.id for doc in documents if len(doc.text.split()) >= 200])
+    pages = []
+    for doc in documents:
+        page = as_web_page(doc.text)
+        if doc.id == damaged_id:  # good text with two bytes that are not UTF-8, mid-page
+            encoded = page.encode()
+            middle = encoded.index(b" ", len(encoded) // 2)
+            pages.append(RawDocument(doc.id, encoded[:middle] + b"\xff\xfe" + encoded[middle:], "repairable_utf8"))
+        elif rng.random() < boilerplate_fraction:
+            pages.append(RawDocument(doc.id, add_boilerplate(page, rng), "clean+boilerplate"))
+        else:
+            pages.append(RawDocument(doc.id, page, "clean"))
+    for kind, make in JUNK_MAKERS.items():
+        pages += [RawDocument(f"junk:{kind}:{i}", make(rng, sentences), kind) for i in range(junk_per_type)]
+    pages += [RawDocument(f"bad:{kind}:{i}", payload, kind)
+              for i, (kind, payload) in enumerate(bad_payloads(rng, sentences))]
+    rng.shuffle(pages)
+    return pages
