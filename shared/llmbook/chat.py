@@ -36,11 +36,12 @@ from llmbook.train import (CheckpointError, TrainConfig, autocast_dtype, learnin
 
 __all__ = ["ROLES", "CHAT_TOKENS", "END", "add_chat_tokens", "grow_vocabulary", "render",
            "encode_chat", "TASK_FAMILIES", "ARITHMETIC", "TRAINING_MIX", "SFT_EXAMPLES",
-           "SPLIT_SEED", "REFUSAL", "OUT_OF_SCOPE", "Example", "task_words", "make_tasks",
-           "check_answer", "fit_history", "stream_reply", "reply", "replies", "evaluate_tasks",
-           "task_accuracy", "SFT_CONFIG", "sft_batch", "counted_loss", "supervised_finetune",
-           "CHAT_FORMAT", "save_chat_model", "load_chat_checkpoint", "ChatModel",
-           "chat_base_model", "train_chat_model", "chat_model_path", "load_chat_model"]
+           "SPLIT_SEED", "REFUSAL", "OUT_OF_SCOPE", "Example", "task_words", "vocabulary_words",
+           "make_tasks", "check_answer", "fit_history", "stream_reply", "reply", "replies",
+           "evaluate_tasks", "task_accuracy", "SFT_CONFIG", "sft_batch", "counted_loss",
+           "supervised_finetune", "CHAT_FORMAT", "save_chat_model", "load_chat_checkpoint",
+           "ChatModel", "chat_base_model", "train_chat_model", "chat_model_path",
+           "load_chat_model"]
 
 
 ROLES = ("user", "assistant")
@@ -169,6 +170,17 @@ def task_words(tokenizer: BPETokenizer) -> list:
     return sorted(words)
 
 
+def vocabulary_words(tokenizer: BPETokenizer) -> list:
+    """Every word the vocabulary holds as one token with a leading space (3 to 12 lower-case ASCII
+    letters), corpus frequency aside: about three times as many as task_words. Sorted."""
+    words = set()
+    for token in tokenizer.mergeable_ranks:
+        text = token.decode("utf-8", errors="replace")
+        if text.startswith(" ") and text[1:].isascii() and text[1:].isalpha() and text[1:].islower() and 3 <= len(text) - 1 <= 12:
+            words.add(text[1:])
+    return sorted(words)
+
+
 def _held_out_part(items, fraction):
     items = sorted(items)
     random.Random(SPLIT_SEED).shuffle(items)
@@ -182,14 +194,15 @@ def _in_held_out(words, fraction) -> bool:
 
 
 def make_tasks(words, n: int, split: str = "train", seed: int = 0, families=TASK_FAMILIES,
-               held_out_fraction: float = 0.2) -> list:
+               held_out_fraction: float = 0.2, copy_words=()) -> list:
     """n instruction examples, cycling through the task families, drawn with random.Random(seed).
 
-    No held-out prompt ever occurs in training, whatever the seeds. "repeat" holds out a fifth of
-    the words (fixed by SPLIT_SEED): they are never the word of a training "repeat" prompt, though
-    they do occur in the word lists of the other families. "count", "first" and "last" hold out
-    the word lists whose SHA-256 falls in the lowest fifth of its range; "compare", "larger" and
-    "add" a fifth of the number pairs; "refuse" a fifth of the out-of-scope requests."""
+    No held-out prompt ever occurs in training, whatever the seeds. "repeat" asks for words and
+    copy_words (more words, to make copying pay more than memorising) and holds out those whose
+    SHA-256 falls in the lowest fifth of its range: they are never the word of a training "repeat"
+    prompt, though the ones in words do occur in the word lists of the other families. "count",
+    "first" and "last" hold out the word lists by the same rule; "compare", "larger" and "add" a
+    fifth of the number pairs (fixed by SPLIT_SEED); "refuse" a fifth of the requests."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; choose 'train' or 'heldout'.")
     unknown = [f for f in families if f not in TASK_FAMILIES + ARITHMETIC]
@@ -199,7 +212,7 @@ def make_tasks(words, n: int, split: str = "train", seed: int = 0, families=TASK
     if len(words) < 25 or not all(isinstance(w, str) and w.isalpha() for w in words):
         raise ValueError("words must be at least 25 distinct alphabetic strings (one word each).")
     part = int(split == "heldout")
-    repeat_words = _held_out_part(words, held_out_fraction)[part]
+    repeat_words = [w for w in sorted(set(words) | set(copy_words)) if _in_held_out([w], held_out_fraction) == bool(part)]
     larger_pairs = _held_out_part([(a, b) for a in range(100) for b in range(100) if a != b], held_out_fraction)[part]
     add_pairs = _held_out_part([(a, b) for a in range(10) for b in range(10)], held_out_fraction)[part]
     requests = _held_out_part(OUT_OF_SCOPE, held_out_fraction)[part]
@@ -340,7 +353,7 @@ def task_accuracy(model: GPT, tokenizer: BPETokenizer, split: str = "heldout", p
 
 
 # the book's chat recipe; supervised_finetune takes any TrainConfig
-SFT_CONFIG = TrainConfig(max_steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.0)
+SFT_CONFIG = TrainConfig(max_steps=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.0)
 
 
 def sft_batch(encoded, pad_id: int, masked: bool = True):
@@ -449,10 +462,11 @@ def chat_base_model():
 
 
 def train_chat_model(seed: int = 0, progress: bool = True):
-    """The book's chat recipe: SFT_EXAMPLES training tasks of TRAINING_MIX drawn with seed, then
-    SFT_CONFIG with that seed. Deterministic. Returns (model in eval mode, tokenizer, losses)."""
+    """The book's chat recipe: SFT_EXAMPLES training tasks of TRAINING_MIX drawn with seed (the
+    vocabulary's words to repeat), then SFT_CONFIG with that seed. Deterministic. Returns (model in eval mode, tokenizer, losses)."""
     model, tokenizer = chat_base_model()
-    examples = make_tasks(task_words(tokenizer), SFT_EXAMPLES, "train", seed, families=TRAINING_MIX)
+    examples = make_tasks(task_words(tokenizer), SFT_EXAMPLES, "train", seed, families=TRAINING_MIX,
+                          copy_words=vocabulary_words(tokenizer))
     losses = supervised_finetune(model, tokenizer, examples, replace(SFT_CONFIG, seed=seed), progress=progress)
     return model.eval(), tokenizer, losses
 
@@ -461,7 +475,7 @@ def chat_model_path(seed: int = 0, cache=None) -> str:
     """Where load_chat_model keeps the model of seed: a folder named by a digest of everything that
     determines it (the base weights, the recipe's code and constants, the seed)."""
     code = [inspect.getsource(function) for function in (
-        add_chat_tokens, grow_vocabulary, encode_chat, task_words, make_tasks, sft_batch, counted_loss,
+        add_chat_tokens, grow_vocabulary, encode_chat, task_words, vocabulary_words, make_tasks, sft_batch, counted_loss,
         supervised_finetune, train_chat_model)]
     constants = [repr(SFT_CONFIG), SFT_EXAMPLES, TRAINING_MIX, OUT_OF_SCOPE, REFUSAL, SPLIT_SEED]
     recipe = json.dumps([file_sha256(load_pretrained("book").checkpoint), code, constants, seed])
