@@ -33,15 +33,35 @@ def test_title_page_and_contents(pdf):
     assert "Contents" in first_pages
 
 
+def outline(pdf) -> list:
+    """The PDF's bookmarks as [(chapter title, first page, [(section title, first page), ...])]."""
+    chapters, entries = [], list(pdf.outline)
+    for i, entry in enumerate(entries):
+        if isinstance(entry, list):
+            continue
+        children = entries[i + 1] if i + 1 < len(entries) and isinstance(entries[i + 1], list) else []
+        sections = [(child.title, pdf.get_destination_page_number(child)) for child in children
+                    if not isinstance(child, list)]
+        chapters.append((entry.title, pdf.get_destination_page_number(entry), sections))
+    return chapters
+
+
 def test_chapters_in_order_and_a_section_per_notebook(pdf):
-    text = " ".join(" ".join(page.extract_text().split()) for page in pdf.pages)
-    positions = [text.index(f"Chapter {n} {title}") for n, title in build_pdf.CHAPTERS.items()]
-    assert positions == sorted(positions)
-    for title in build_pdf.CHAPTERS.values():
-        assert title in text
-    body = text[positions[0]:]
-    for notebook in notebook_paths(ROOT):
-        assert " ".join(notebook_title(notebook).split()) in body, notebook
+    # The bookmarks give the structure; the pages they point to must show the headings.
+    chapters = outline(pdf)
+    assert [title for title, _, _ in chapters] == [f"{n} {title}" for n, title in build_pdf.CHAPTERS.items()]
+    notebooks = notebook_paths(ROOT)
+    for n, (chapter_title, chapter_page, sections) in enumerate(chapters, start=1):
+        expected = [f"{n}.{i} {notebook_title(path)}"
+                    for i, path in enumerate((p for p in notebooks if int(p.parent.name[2:4]) == n), start=1)]
+        assert [" ".join(title.split()) for title, _ in sections] == [" ".join(t.split()) for t in expected]
+        pages = [chapter_page] + [page for _, page in sections]
+        assert pages == sorted(pages), f"chapter {n}: sections out of page order {pages}"
+        first_page = " ".join(pdf.pages[chapter_page].extract_text().split())
+        assert f"Chapter {n} {build_pdf.CHAPTERS[n]}" in first_page
+        for title, page in sections:
+            heading = title.split(" ", 1)[1]
+            assert " ".join(heading.split()) in " ".join(pdf.pages[page].extract_text().split()), (title, page)
 
 
 def test_every_figure_is_in_the_pdf(pdf):
@@ -53,7 +73,13 @@ def test_every_figure_is_in_the_pdf(pdf):
         if "image/png" in output.get("data", {})
     }
     assert figures
-    assert sum(len(page.images) for page in pdf.pages) >= len(figures)
+
+    def images_on(page) -> int:  # image objects the page draws, counted without decoding them
+        resources = page.get("/Resources")
+        xobjects = resources.get_object().get("/XObject") if resources else None
+        return sum(xobject.get_object().get("/Subtype") == "/Image" for xobject in (xobjects or {}).values())
+
+    assert sum(images_on(page) for page in pdf.pages) >= len(figures)
 
 
 def test_pages_are_numbered(pdf):
