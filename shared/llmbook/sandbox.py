@@ -2,18 +2,24 @@
 # Source: ch05_evaluation/03_humaneval.ipynb
 # Edit the notebook, then run `python tools/export.py`.
 
-"""Run untrusted Python (model-written code) in a throw-away, locked-down child process.
+"""Run untrusted Python (model-written code) in a throw-away, locked-down child process, and check it
+from outside.
 
 Layers, each optional and each reported: a scrubbed environment and a fresh temporary directory;
 Linux user/mount/network/PID namespaces via `unshare` (no network, no other processes in sight,
-every leftover process killed with the namespace, a read-only filesystem except the directory);
-a seccomp filter (no fork/clone of processes, no sockets other than AF_UNIX, no mount, ptrace or
-signals to other processes); resource limits (CPU, address space, file size, open files);
-a wall-clock timeout that kills the whole process group. A pass is believed only when the
-runner reports it with a per-run secret token AND exits with status 0.
+every leftover process killed with the namespace) with a private root filesystem that shows only
+the standard library (read-only) and the directory; a seccomp filter (no fork/clone of processes,
+no sockets other than AF_UNIX, no mount, ptrace or signals to other processes); resource limits
+(CPU, address space, file size, open files); a wall-clock timeout that kills the process group.
+
+Two verdicts. run_untrusted takes the program's own word (a pass is reported with a per-run secret
+token AND exit status 0), which code written against the runner can forge. run_checked runs the
+checks in a separate, trusted process that calls the program's function with plain data only, so
+that nothing the program does can change their outcome.
 """
 
 import functools
+import glob
 import json
 import os
 import secrets
@@ -27,20 +33,113 @@ from dataclasses import dataclass, field
 
 from llmbook import LLMBookError, positive_int
 
-__all__ = ["RUNNER_SOURCE", "UNSHARE_FLAGS", "NOBODY_UID", "SandboxUnavailableError", "Outcome",
-           "namespaces_available", "SIGNAL_HINTS", "run_untrusted", "isolation_report"]
+__all__ = ["PLAIN_DATA_SOURCE", "RUNNER_SOURCE", "CHECKER_SOURCE", "UNSHARE_FLAGS", "NOBODY_UID",
+           "SandboxUnavailableError", "Outcome", "namespaces_available", "SIGNAL_HINTS",
+           "run_untrusted", "run_checked", "isolation_report"]
+
+
+# Plain data: the only values that cross between the sandbox and the trusted checker, as JSON lines.
+# Both sides run it (as part of their scripts, under `python -I -S`), so it is a string of standard library code.
+PLAIN_DATA_SOURCE = r'''
+import json
+import os
+
+MAX_DEPTH = 100
+
+
+class NotPlainData(Exception):
+    pass
+
+
+def to_plain(value, depth=0):
+    """value as JSON-ready lists tagged with its exact type. A subclass of int, str or list is not
+    int, str or list: its comparisons could be anything, so it does not pass."""
+    kind = type(value)
+    if depth > MAX_DEPTH:
+        raise NotPlainData("a value nested more than " + str(MAX_DEPTH) + " levels deep")
+    if value is None:
+        return ["none"]
+    if kind is bool or kind is str:
+        return [kind.__name__, value]
+    if kind is int:
+        return ["int", str(value)]   # a string: exact for any size
+    if kind is float:
+        return ["float", repr(value)]   # repr round-trips every float, nan and inf included
+    if kind is bytes:
+        return ["bytes", value.hex()]
+    if kind in (list, tuple, set, frozenset):
+        return [kind.__name__, [to_plain(item, depth + 1) for item in value]]
+    if kind is dict:
+        return ["dict", [[to_plain(key, depth + 1), to_plain(item, depth + 1)] for key, item in value.items()]]
+    raise NotPlainData("an object of type " + kind.__name__)
+
+
+def from_plain(data, depth=0):
+    """The value that to_plain encoded; NotPlainData for anything else."""
+    if depth > MAX_DEPTH or type(data) is not list or not data or type(data[0]) is not str:
+        raise NotPlainData("malformed data")
+    tag, rest = data[0], data[1:]
+    if tag == "none" and not rest:
+        return None
+    if len(rest) != 1:
+        raise NotPlainData("malformed data")
+    item = rest[0]
+    if tag == "bool" and type(item) is bool or tag == "str" and type(item) is str:
+        return item
+    if tag in ("int", "float", "bytes") and type(item) is str:
+        try:
+            return int(item) if tag == "int" else float(item) if tag == "float" else bytes.fromhex(item)
+        except ValueError:
+            raise NotPlainData("malformed " + tag) from None
+    if tag in ("list", "tuple", "set", "frozenset", "dict") and type(item) is list:
+        try:
+            if tag == "dict":
+                return {from_plain(key, depth + 1): from_plain(value, depth + 1) for key, value in item}
+            kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag]
+            return kind(from_plain(element, depth + 1) for element in item)
+        except (TypeError, ValueError):   # an unhashable key or member, a pair that is not a pair
+            raise NotPlainData("malformed " + tag) from None
+    raise NotPlainData("malformed data")
+
+
+def send(fd, message):
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def receive(stream, limit):
+    """One JSON line from a binary stream: None at its end; NotPlainData if malformed or over limit."""
+    line = stream.readline(limit + 1)
+    if not line:
+        return None
+    if len(line) > limit or not line.endswith(b"\n"):
+        raise NotPlainData("a message longer than " + str(limit) + " bytes")
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        raise NotPlainData("a message that is not JSON") from None
+
+
+def describe(error):
+    """'Type: message' of an exception, even one whose str() raises."""
+    try:
+        text = str(error)
+    except BaseException:
+        text = "<unprintable>"
+    return type(error).__name__ + (": " + text if text else "")
+'''
 
 
 # The runner: a fixed script the harness writes next to the program and starts with
-# `python -I -S runner.py <result fd> <config json>`. It cannot import llmbook (isolated mode, no
-# site-packages), so it is plain standard library. Protocol on the result fd, one line each:
+# `python -I -S runner.py <report fd> <config json>`. It cannot import llmbook (isolated mode, no
+# site-packages), so it is plain standard library. Protocol on the report fd, one line each:
 #   "<token> layer <name> on|off <detail>"   what the runner managed to switch on
-#   "<token> passed" | "<token> failed: <Type>: <message>"   the sample's verdict (child)
+#   "<token> passed" | "<token> failed: <Type>: <message>"   the program's own verdict (run_untrusted)
 #   "<token> status <wait status>"            how the child ended (supervisor)
-RUNNER_SOURCE = r'''
+# With config["serve"] (run_checked), the child answers calls on two more pipes instead of reporting.
+RUNNER_SOURCE = PLAIN_DATA_SOURCE + r'''
 import ctypes
-import json
-import os
 import struct
 import sys
 
@@ -137,29 +236,67 @@ def install_seccomp(program):
     return ""
 
 
-def make_filesystem_readonly(workdir):
-    """In a private mount namespace: everything read-only except workdir. Returns an error or ''."""
+def make_private_root(workdir, newroot, visible, hidden):
+    """In a private mount namespace, make a new root filesystem and move into it.
+
+    It holds the directories in `visible` (read-only, at their usual paths), an empty read-only
+    tmpfs over each directory in `hidden` (site-packages: installed packages, datasets included),
+    /dev/null, /dev/zero and /dev/urandom, and workdir (writable). Everything else, the home
+    directory, /tmp, /etc and /proc included, is gone. Returns an error or ''."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
+    ms_rdonly, ms_nosuid, ms_nodev, ms_bind, ms_rec = 1, 2, 4, 4096, 16384
 
     class MountAttr(ctypes.Structure):
         _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                     ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
-    path = os.fsencode(workdir)
-    ms_bind, ms_rec = 4096, 16384
-    if libc.mount(path, path, None, ms_bind | ms_rec, None) != 0:   # workdir becomes its own mount
-        return "bind mount: " + os.strerror(ctypes.get_errno())
-    steps = [(b"/", 0x8000, MountAttr(1, 0, 0, 0), "read-only /"),   # AT_RECURSIVE, set MOUNT_ATTR_RDONLY
-             (path, 0, MountAttr(0, 1, 0, 0), "writable workdir")]  # clear RDONLY on workdir only
-    for target, flags, attr, what in steps:
-        rc = libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), ctypes.c_char_p(target),
-                          ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-        if rc != 0:
-            return "mount_setattr (" + what + "): " + os.strerror(ctypes.get_errno())
-    os.chdir(workdir)  # the old cwd points below the now read-only mount; re-enter through the new one
-    if not os.statvfs("/").f_flag & os.ST_RDONLY or os.statvfs(workdir).f_flag & os.ST_RDONLY:
-        return "check failed: / is not read-only or workdir is not writable"
+    def fail(what):
+        return what + ": " + os.strerror(ctypes.get_errno())
+
+    def read_only(path, recursive):  # mount_setattr (442 on x86_64 and aarch64): MOUNT_ATTR_RDONLY
+        attr = MountAttr(1, 0, 0, 0)
+        return libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), ctypes.c_char_p(os.fsencode(path)),
+                            ctypes.c_uint(0x8000 if recursive else 0), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr))) == 0
+
+    def bind(source, target, is_file=False):
+        if is_file:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        else:
+            os.makedirs(target, exist_ok=True)
+        return libc.mount(os.fsencode(source), os.fsencode(target), None, ms_bind | ms_rec, None) == 0
+
+    inside = lambda path: newroot + path
+    if libc.mount(b"tmpfs", os.fsencode(newroot), b"tmpfs", ms_nosuid | ms_nodev, b"mode=0755,size=64k") != 0:
+        return fail("tmpfs for the new root")
+    for path in visible:
+        if os.path.islink(path):   # /lib -> usr/lib on merged-/usr systems: the same link inside
+            os.makedirs(os.path.dirname(inside(path)), exist_ok=True)
+            os.symlink(os.readlink(path), inside(path))
+        elif os.path.isdir(path):
+            if not bind(path, inside(path)) or not read_only(inside(path), True):
+                return fail("bind " + path)
+    for path in hidden:
+        if os.path.isdir(inside(path)) and libc.mount(b"tmpfs", os.fsencode(inside(path)), b"tmpfs",
+                                                      ms_rdonly | ms_nosuid | ms_nodev, b"size=4k") != 0:
+            return fail("hide " + path)
+    for device in ("/dev/null", "/dev/zero", "/dev/urandom"):
+        bind(device, inside(device), is_file=True)   # best effort: Python itself needs none of them
+    if not bind(workdir, inside(workdir)):
+        return fail("bind the working directory")
+    if not read_only(newroot, False):   # the skeleton of directories; workdir is its own mount
+        return fail("read-only new root")
+    os.chdir(newroot)
+    # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves only the new
+    if libc.syscall(ctypes.c_long(SYSCALLS[os.uname().machine]["pivot_root"]), b".", b".") != 0:
+        return fail("pivot_root")
+    if libc.umount2(b".", 2) != 0:   # MNT_DETACH
+        return fail("detach the old root")
+    os.chdir(workdir)
+    if os.path.exists(newroot) or not os.access(workdir, os.W_OK):
+        return "check failed: the old root is still visible or workdir is not writable"
     return ""
 
 
@@ -175,6 +312,32 @@ def flush(streams):
             stream.flush()
         except BaseException:
             pass
+
+
+def serve_calls(namespace, settings, flush_targets):
+    """Answer the trusted checker's calls of the entry point, a JSON line each way, until it hangs up.
+    Only plain data goes back; whatever this process does, the checks run where it cannot reach."""
+    requests, replies = os.fdopen(settings["requests_fd"], "rb"), settings["replies_fd"]
+    send(replies, {"ready": True})
+    while True:
+        request = receive(requests, settings["max_message"])
+        if request is None:
+            return
+        reply = {"call": request["call"]}
+        try:
+            function = namespace.get(settings["entry_point"])
+            if not callable(function):
+                raise NameError("the program defines no function " + settings["entry_point"])
+            result = function(*from_plain(request["args"]), **from_plain(request["kwargs"]))
+        except BaseException as error:
+            reply["raised"] = describe(error)[:300]
+        else:
+            try:
+                reply["returned"] = to_plain(result)
+            except (NotPlainData, ValueError, RecursionError) as error:   # ValueError: int too long for str
+                reply["not_plain"] = str(error)[:300]
+        flush(flush_targets)
+        send(replies, reply)
 
 
 def main():
@@ -198,9 +361,12 @@ def main():
         write(result_fd, (token + " " + line.replace("\n", " ")[:500] + "\n").encode("utf-8", "replace"))
 
     workdir = os.getcwd()
-    if config["readonly_fs"]:
-        error = make_filesystem_readonly(workdir)
-        report("layer readonly_fs " + ("off " + error if error else "on"))
+    if config["private_root"]:
+        try:
+            error = make_private_root(workdir, **config["private_root"])
+        except (OSError, KeyError) as failure:   # KeyError: no pivot_root number for this machine
+            error = describe(failure)
+        report("layer private_root " + ("off " + error if error else "on"))
     # Fork now, while cloning is still allowed: the child runs the sample, this process only
     # waits and reports how the child ended. The sample's parent is then this supervisor, never
     # the harness, and in a PID namespace the supervisor is PID 1: when it exits, the kernel
@@ -238,25 +404,99 @@ def main():
     sys.argv = ["program.py"]
     exit_now, flush_targets = os._exit, (sys.stdout, sys.stderr)
     namespace = {"__name__": "__main__", "__file__": "program.py"}
+    serving = config["serve"]
     try:
         exec(compile(source, "program.py", "exec"), namespace)
     except BaseException as error:   # SystemExit and KeyboardInterrupt included: no pass
         flush(flush_targets)
-        try:
-            text = str(error)
-            message = type(error).__name__ + (": " + text if text else "")
-        except BaseException:
-            message = type(error).__name__ + ": <unprintable>"
-        report("failed: " + message[:300])
+        if serving:
+            send(serving["replies_fd"], {"load_failed": describe(error)[:300]})
+        else:
+            report("failed: " + describe(error)[:300])
         exit_now(1)
     flush(flush_targets)
-    report("passed")
+    if serving:
+        serve_calls(namespace, serving, flush_targets)
+    else:
+        report("passed")
     exit_now(0)   # at once: atexit handlers or finalizers the sample registered never run
 
 
 if __name__ == "__main__":
     main()
 '''
+
+
+# The trusted checker: the problem's test code, run in a process of its own that the sample cannot
+# reach (`python -I -S checker.py`, the settings as JSON on stdin). Each call of the candidate goes to
+# the sandboxed program as plain data, and only plain data comes back. The verdict is one JSON line
+# on stdout: {"passed": ..., "status": ...}.
+CHECKER_SOURCE = PLAIN_DATA_SOURCE + r"""
+import sys
+
+
+class CandidateFailed(BaseException):
+    # BaseException: a test's `except Exception` must not swallow a crash of the candidate
+    pass
+
+
+def main():
+    settings = json.loads(sys.stdin.read())
+    requests, replies = settings["requests_fd"], os.fdopen(settings["replies_fd"], "rb")
+    calls = []
+
+    def verdict(passed, status):
+        sys.stdout.write(json.dumps({"passed": passed, "status": status[:500]}) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+
+    def next_message():
+        try:
+            message = receive(replies, settings["max_message"])
+        except NotPlainData as error:
+            raise CandidateFailed("the sandbox sent " + str(error)) from None
+        if message is None:
+            raise CandidateFailed("the program's process ended")
+        if type(message) is not dict:
+            raise CandidateFailed("the sandbox sent malformed data")
+        return message
+
+    def candidate(*args, **kwargs):
+        calls.append(len(calls))
+        try:
+            send(requests, {"call": calls[-1], "args": to_plain(list(args)), "kwargs": to_plain(kwargs)})
+        except OSError:   # a broken pipe: nobody reads the calls any more
+            raise CandidateFailed("the program's process ended") from None
+        reply = next_message()
+        if reply.get("call") != calls[-1]:
+            raise CandidateFailed("the sandbox answered out of turn")
+        if "returned" in reply:
+            try:
+                return from_plain(reply["returned"])
+            except NotPlainData as error:
+                raise CandidateFailed("the sandbox sent " + str(error)) from None
+        if "raised" in reply:
+            raise CandidateFailed("the candidate raised " + str(reply["raised"]))
+        raise CandidateFailed("the candidate returned " + str(reply.get("not_plain", "nothing")))
+
+    try:
+        first = next_message()
+        if first.get("ready") is not True:
+            verdict(False, "failed: " + str(first.get("load_failed", "the program did not load")))
+        namespace = {"__name__": "__checks__"}
+        exec(compile(settings["setup"], "setup.py", "exec"), namespace)   # trusted helpers
+        namespace[settings["entry_point"]] = candidate
+        exec(compile(settings["checks"], "checks.py", "exec"), namespace)
+    except CandidateFailed as error:
+        verdict(False, "failed: " + str(error))
+    except BaseException as error:
+        verdict(False, "failed: " + describe(error))
+    verdict(True, "passed")
+
+
+if __name__ == "__main__":
+    main()
+"""
 
 
 UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child")
@@ -313,6 +553,18 @@ def _readable_by_everyone(directory: str) -> bool:
         if parent == path:
             return True
         path = parent
+
+
+def _visible_and_hidden() -> tuple:
+    """What a private root shows (read-only): the standard library and the shared libraries that
+    its compiled modules load; and what it hides inside those: every site-packages/dist-packages."""
+    stdlib = os.path.dirname(os.__file__)
+    visible = [stdlib] + [path for path in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/lib32", "/lib32")
+                          if os.path.lexists(path)]
+    hidden = [path for root in visible if not os.path.islink(root)
+              for pattern in ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages")
+              for path in glob.glob(os.path.join(root, pattern))]
+    return visible, sorted(set(hidden))
 
 
 def _minimal_env(workdir: str) -> dict:
@@ -430,6 +682,7 @@ def run_untrusted(source: str, timeout: float = 3.0, memory_mb: int | None = 102
                   max_output: int = 4096, max_open_files: int = 64, namespaces: bool | None = None,
                   seccomp: bool = True) -> Outcome:
     """Run Python `source` as an untrusted program in a fresh child process; see the module docstring.
+    The verdict is the program's own: it passes when it runs to its end without an exception.
 
     timeout: wall-clock seconds before the whole process group is SIGKILLed. memory_mb: address-space
     limit (RLIMIT_AS). cpu_seconds: RLIMIT_CPU (default: timeout + 1, rounded up). max_file_mb:
@@ -438,6 +691,29 @@ def run_untrusted(source: str, timeout: float = 3.0, memory_mb: int | None = 102
     namespaces: None = use Linux namespaces when available, False = never, True = require them.
     seccomp: install the seccomp filter where the platform supports it (Linux x86_64/aarch64).
     """
+    return _run_sandboxed(source, None, timeout, memory_mb, cpu_seconds, max_file_mb, max_processes,
+                          max_output, max_open_files, namespaces, seccomp)
+
+
+def run_checked(program: str, entry_point: str, checks: str, setup: str = "", timeout: float = 3.0,
+                max_message_mb: int = 16, **options) -> Outcome:
+    """Run `program` in the sandbox and `checks` (test code that calls `entry_point`) in a separate,
+    trusted process. Each call goes to the sandboxed program with its arguments as plain data, and
+    only plain data comes back; anything else fails the checks. `setup` runs first in the trusted
+    process (for helpers the checks use). The verdict is the trusted process's: the sample can
+    change nothing in it. max_message_mb bounds one message; options go to run_untrusted."""
+    for name, value in (("program", program), ("entry_point", entry_point), ("checks", checks), ("setup", setup)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}.")
+    if not entry_point.isidentifier():
+        raise ValueError(f"entry_point={entry_point!r} is not a Python name.")
+    positive_int(max_message_mb, "max_message_mb")
+    calls = {"entry_point": entry_point, "checks": checks, "setup": setup, "max_message": max_message_mb * 2**20}
+    return _run_sandboxed(program, calls, timeout, **options)
+
+
+def _run_sandboxed(source, calls, timeout=3.0, memory_mb=1024, cpu_seconds=None, max_file_mb=16,
+                   max_processes=64, max_output=4096, max_open_files=64, namespaces=None, seccomp=True):
     if not isinstance(source, str):
         raise TypeError(f"source must be the program's text (str), got {type(source).__name__}.")
     if not timeout > 0:
@@ -471,12 +747,15 @@ def run_untrusted(source: str, timeout: float = 3.0, memory_mb: int | None = 102
     running_as_root = hasattr(os, "geteuid") and os.geteuid() == 0
     can_drop = running_as_root and not use_namespaces and _readable_by_everyone(os.path.dirname(os.__file__))
     drop_to_uid = NOBODY_UID if can_drop else None
-    config = {"limits": limits, "readonly_fs": use_namespaces, "seccomp": seccomp and sys.platform.startswith("linux"),
-              "drop_to_uid": drop_to_uid}
 
     token = secrets.token_hex(16)
-    workdir = tempfile.mkdtemp(prefix="llmbook-sandbox-")
-    read_fd = write_fd = output_fd = -1
+    base = tempfile.mkdtemp(prefix="llmbook-sandbox-")
+    workdir, newroot, checkdir = (os.path.join(base, name) for name in ("work", "root", "check"))
+    for directory in (workdir, newroot, checkdir):
+        os.mkdir(directory, 0o700)
+    visible, hidden = _visible_and_hidden()
+    private_root = {"newroot": newroot, "visible": visible, "hidden": hidden} if use_namespaces else None
+    fds, checker = [], None
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as handle:
             handle.write(source)
@@ -485,54 +764,106 @@ def run_untrusted(source: str, timeout: float = 3.0, memory_mb: int | None = 102
             handle.write(RUNNER_SOURCE)
         output_path = os.path.join(workdir, "output.txt")
         output_fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fds.append(output_fd)
         if drop_to_uid is not None:
-            for path in (workdir, os.path.join(workdir, "program.py"), runner, output_path):
+            for path in (base, workdir, os.path.join(workdir, "program.py"), runner, output_path):
                 os.chown(path, drop_to_uid, drop_to_uid)
         read_fd, write_fd = os.pipe()
+        fds += [read_fd, write_fd]
+        serve, sandbox_fds, checker_fds = None, [write_fd], []
+        if calls is not None:   # two pipes: calls to the sandbox, replies from it
+            requests_read, requests_write = os.pipe()
+            replies_read, replies_write = os.pipe()
+            fds += [requests_read, requests_write, replies_read, replies_write]
+            serve = {"requests_fd": requests_read, "replies_fd": replies_write,
+                     "entry_point": calls["entry_point"], "max_message": calls["max_message"]}
+            sandbox_fds += [requests_read, replies_write]
+            checker_fds = [requests_write, replies_read]
+        config = {"limits": limits, "private_root": private_root, "drop_to_uid": drop_to_uid, "serve": serve,
+                  "seccomp": seccomp and sys.platform.startswith("linux")}
         command = [sys.executable, "-I", "-S", runner, str(write_fd), json.dumps(config)]
         if use_namespaces:
-            command = ["unshare", *UNSHARE_FLAGS, "--mount-proc", *command]
+            command = ["unshare", *UNSHARE_FLAGS, *command]
         started = time.perf_counter()
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output_fd, stderr=subprocess.STDOUT,
                                    cwd=workdir, env=_minimal_env(workdir), start_new_session=True,
-                                   close_fds=True, pass_fds=(write_fd,))
-        os.close(write_fd)
-        os.close(output_fd)
-        write_fd = output_fd = -1
+                                   close_fds=True, pass_fds=sandbox_fds)
         try:
             process.stdin.write((token + "\n").encode())
             process.stdin.close()
         except OSError:   # it died before reading its token: reported as a failure below
             pass
-        finished = _wait_then_kill_group(process, timeout)
+        if calls is not None:
+            checker_path = os.path.join(checkdir, "checker.py")
+            with open(checker_path, "w", encoding="utf-8") as handle:
+                handle.write(CHECKER_SOURCE)
+            checker = subprocess.Popen([sys.executable, "-I", "-S", checker_path], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=checkdir,
+                                       env=_minimal_env(checkdir), start_new_session=True, close_fds=True,
+                                       pass_fds=checker_fds)
+            settings = {key: calls[key] for key in ("entry_point", "checks", "setup", "max_message")}
+            settings.update(requests_fd=checker_fds[0], replies_fd=checker_fds[1])
+            try:
+                checker.stdin.write(json.dumps(settings).encode())
+                checker.stdin.close()
+            except OSError:
+                pass
+        for fd in fds[1:]:   # the children hold their ends now; a closed end is how a hang-up shows
+            if fd != read_fd:
+                os.close(fd)
+        fds = [read_fd]
+        if checker is None:
+            finished = _wait_then_kill_group(process, timeout)
+        else:
+            finished = _wait_then_kill_group(checker, timeout)
+            _wait_then_kill_group(process, 0.0)   # the checks are over: the program's time is up
         elapsed = time.perf_counter() - started
         report = _read_pipe(read_fd)
         passed, status, signal_name, layers = _verdict(token, report, process.returncode, finished, timeout)
+        if checker is not None:
+            passed, status = _checked_verdict(checker, finished, timeout, signal_name)
         layers = {"namespaces": use_namespaces, "process_group_kill": True, "scrubbed_env": True, **layers}
+        if calls is not None:
+            layers["trusted_checks"] = True
         if running_as_root and not use_namespaces:
             layers.setdefault("unprivileged_uid", False)   # root, and Python not readable by 'nobody'
-
         return Outcome(passed, status, finished, process.returncode, signal_name,
                        _read_tail(output_path, max_output), round(elapsed, 4), layers)
     finally:
-        for fd in (read_fd, write_fd, output_fd):
-            if fd >= 0:
-                os.close(fd)
-        _remove_tree(workdir)
+        for fd in fds:
+            os.close(fd)
+        _remove_tree(base)
+
+
+def _checked_verdict(checker, finished, timeout, signal_name):
+    """(passed, status) from the trusted checker's one line of JSON."""
+    if not finished:
+        return False, f"timed out after {timeout:g} s"
+    line = checker.stdout.read(4096).decode("utf-8", "replace").strip().splitlines()
+    checker.stdout.close()
+    try:
+        verdict = json.loads(line[-1])
+        passed, status = verdict["passed"] is True and checker.returncode == 0, str(verdict["status"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return False, f"failed: the checker ended without a verdict (exit status {checker.returncode})"
+    if not passed and "process ended" in status and signal_name is not None:
+        hint = SIGNAL_HINTS.get(signal_name)
+        status += f" (killed by {signal_name}" + (f", {hint})" if hint else ")")
+    return passed, status
 
 
 @functools.lru_cache(maxsize=None)
 def isolation_report() -> dict:
     """Which isolation layers this machine gives run_untrusted, found by running a probe through it."""
     report = {"platform": sys.platform, "machine": os.uname().machine if hasattr(os, "uname") else "unknown",
-              "unshare_namespaces": False, "readonly_fs": False, "seccomp": False, "rlimits": False,
+              "unshare_namespaces": False, "private_root": False, "seccomp": False, "rlimits": False,
               "unprivileged_uid": False}
     if os.name != "posix":
         return report
     namespaces = namespaces_available()
     outcome = run_untrusted("pass", timeout=10.0)
     report.update({name: bool(outcome.layers.get(name, False)) for name in
-                   ("readonly_fs", "seccomp", "rlimits", "unprivileged_uid")})
+                   ("private_root", "seccomp", "rlimits", "unprivileged_uid")})
     report["unshare_namespaces"] = namespaces
     for kind in ("user", "mount", "net", "pid"):
         report[f"{kind}_namespace"] = namespaces
