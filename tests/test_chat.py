@@ -18,9 +18,9 @@ from llmbook.train import CheckpointError, save_checkpoint
 
 WORDS = [f"w{'abcdefghij'[i // 10]}{'abcdefghij'[i % 10]}" for i in range(60)]
 # Held-out exact match the book's chat model must keep, per family: what seed 0 reaches on these
-# prompts, rounded down with a margin. The goal is 0.9 everywhere; the three families that copy a
-# word from the prompt fall short of it (ch05_evaluation/04_chat.ipynb measures them over 3 seeds).
-FLOORS = {"repeat": 0.5, "count": 0.9, "first": 0.65, "last": 0.6, "compare": 0.85, "larger": 0.85, "refuse": 0.9}
+# prompts, rounded down by two to four answers of 40 (ch05_evaluation/04_chat.ipynb measures the
+# families over 3 seeds; their means reach the goal of 0.9).
+FLOORS = {"repeat": 0.8, "count": 0.9, "first": 0.8, "last": 0.85, "compare": 0.85, "larger": 0.8, "refuse": 0.9}
 
 
 @pytest.fixture(scope="module")
