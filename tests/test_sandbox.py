@@ -327,6 +327,8 @@ def test_checked_calls_report_exceptions_crashes_and_timeouts():
     assert outcome.status == "failed: the candidate raised ValueError", outcome
     outcome = checked("import os\ndef f(x):\n    os._exit(0)\n", "f(1)")
     assert outcome.status == "failed: the program's process ended", outcome
+    outcome = checked("import ctypes\ndef f(x):\n    return ctypes.string_at(0)\n", "f(1)")
+    assert outcome.status == "failed: the program's process ended (killed by SIGSEGV, crashed)", outcome
     outcome = checked("def f(x):\n    while True:\n        pass\n", "f(1)", timeout=1.0)
     assert outcome.status == "timed out after 1 s" and not outcome.finished, outcome
     outcome = checked("def f(x):\n    return lambda: x\n", "f(1)")
