@@ -147,8 +147,9 @@ def evaluate_completions(problems: list[dict], completions_per_problem, ks=(1, 1
 
 
 # Wrong completions that forge a pass, one per trick a model trained against tests could find (5.3).
-# Each is (task id, completion). None implements the function; under run_untrusted(program_for(...)),
-# the in-process verdict, each passes. run_sample's trusted checks reject every one.
+# Each is (task id, completion). None implements the function, yet each passes the in-process verdict
+# with the files in sight, as the official harness has them: run_untrusted(program_for(...),
+# namespaces=False). run_sample's trusted checks reject every one.
 FORGED_COMPLETIONS = {
     "stack walk": ("HumanEval/0", '''\
     import os, sys
