@@ -373,3 +373,14 @@ def test_private_root_shows_the_interpreter_and_nothing_else(tmp_path):
         assert "packages [[]]" in outcome.output or "packages []" in outcome.output, outcome.output
     finally:
         shutil.rmtree(secret_dir)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count open files")
+def test_the_harness_leaks_no_file_descriptors():
+    # Thousands of samples run in one process: every pipe and file the harness opens must be closed.
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        run_untrusted("pass")
+        checked("def f(x):\n    return x\n", "assert f(1) == 1")
+        checked("def f(x):\n    while True:\n        pass\n", "f(1)", timeout=0.3)
+    assert len(os.listdir("/proc/self/fd")) == before

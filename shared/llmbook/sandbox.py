@@ -808,7 +808,7 @@ def _run_sandboxed(source, calls, timeout=3.0, memory_mb=1024, cpu_seconds=None,
                 checker.stdin.close()
             except OSError:
                 pass
-        for fd in fds[1:]:   # the children hold their ends now; a closed end is how a hang-up shows
+        for fd in fds:   # the children hold their ends now; a closed end is how a hang-up shows
             if fd != read_fd:
                 os.close(fd)
         fds = [read_fd]
@@ -832,6 +832,8 @@ def _run_sandboxed(source, calls, timeout=3.0, memory_mb=1024, cpu_seconds=None,
     finally:
         for fd in fds:
             os.close(fd)
+        if checker is not None:
+            checker.stdout.close()
         _remove_tree(base)
 
 
@@ -840,7 +842,6 @@ def _checked_verdict(checker, finished, timeout, signal_name):
     if not finished:
         return False, f"timed out after {timeout:g} s"
     line = checker.stdout.read(4096).decode("utf-8", "replace").strip().splitlines()
-    checker.stdout.close()
     try:
         verdict = json.loads(line[-1])
         passed, status = verdict["passed"] is True and checker.returncode == 0, str(verdict["status"])
