@@ -34,6 +34,8 @@ or from Python with `llmbook.launch.torchrun("llmbook.<module>", 2)`.
     fsdp             05_fsdp_and_3d.ipynb                        torchrun ... -m llmbook.fsdp
     mesh3d           05_fsdp_and_3d.ipynb                        torchrun ... -m llmbook.mesh3d
     sizing           06_memory_calculator.ipynb                  torchrun ... -m llmbook.sizing
+    comms            07_communication_and_failures.ipynb         torchrun ... -m llmbook.comms
+    elastic          07_communication_and_failures.ipynb         torchrun --max-restarts=1 ... -m llmbook.elastic
     Chapter 5, Evaluation (ch05_evaluation/)
     metrics          01_perplexity.ipynb
     mmlu             02_mmlu.ipynb

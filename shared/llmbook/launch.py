@@ -30,9 +30,9 @@ import torch.distributed as dist
 from llmbook import LLMBookError, positive_int
 from llmbook.files import atomic_write
 
-__all__ = ["LaunchResult", "LaunchError", "LaunchTimeout", "process_tree", "kill_tree", "torchrun",
-           "Worker", "init_worker", "rank_print", "from_every_rank", "load_result",
-           "job_arguments", "run_job"]
+__all__ = ["LaunchResult", "LaunchError", "LaunchTimeout", "torchrun", "Worker", "init_worker",
+           "rank_print", "from_every_rank", "load_result", "job_arguments", "run_job",
+           "process_tree", "kill_tree"]
 
 
 @dataclass
@@ -68,81 +68,8 @@ class LaunchTimeout(LLMBookError, TimeoutError):
         self.pids = pids  # every process of the job that was alive when it was stopped
 
 
-def _children_by_parent() -> dict:
-    """{parent pid: [child pids]} for every process of this machine (Linux /proc, else `ps`)."""
-    children = {}
-    if os.path.isdir("/proc/self"):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # The command name (2nd field) may contain spaces; it ends at the last ')'.
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process ended while we looked
-            children.setdefault(ppid, []).append(int(entry))
-    else:
-        table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-        for line in table.splitlines():
-            pid, ppid = map(int, line.split())
-            children.setdefault(ppid, []).append(pid)
-    return children
-
-
-def process_tree(pid: int) -> list:
-    """pid and all its descendants. torchrun starts every worker in a session of its own, so
-    killing torchrun's process group alone would leave the workers running: we find them here."""
-    children, tree, todo = _children_by_parent(), [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited but not been reaped yet: it runs no code any more.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> list:
-    """Stop a torchrun job: SIGTERM to torchrun (it then stops its workers), and after `grace`
-    seconds SIGKILL to every process of the job that is still alive. Returns the pids it found."""
-    pids = process_tree(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids if p != proc.pid):
-        time.sleep(0.1)
-    for pid in pids:
-        for kill in (os.killpg, os.kill):  # the worker's whole session, then the process itself
-            try:
-                kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    # SIGKILL is delivered asynchronously: wait until the processes have really exited.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in pids if p != proc.pid):
-        time.sleep(0.01)
-    proc.wait()
-    return pids
-
-
 def torchrun(module: str, nproc: int, args=(), timeout: float = 300, env=None,
-             echo: bool = True) -> LaunchResult:
+             echo: bool = True, max_restarts: int = 0, nodes: tuple | None = None) -> LaunchResult:
     """Run `python -m torch.distributed.run --standalone --nproc_per_node=nproc -m module *args`.
 
     The job uses this kernel's interpreter (so the notebook's virtual environment), one
@@ -151,16 +78,30 @@ def torchrun(module: str, nproc: int, args=(), timeout: float = 300, env=None,
     arrive when `echo` is true, and returned in the result. On timeout or KeyboardInterrupt the
     whole job is killed and LaunchTimeout (a TimeoutError) is raised; no worker is left behind.
     A crashing rank is not an exception here: the result's returncode is non-zero and its output
-    holds the traceback (call `.check()` to turn it into one).
+    holds the traceback (call `.check()` to turn it into one), unless `max_restarts` > 0: then
+    torchrun stops the surviving ranks and starts the whole job again, up to that many times.
+    `nodes=(n, "host:port")` replaces --standalone: this torchrun is one of n (one per machine,
+    nproc processes each) that meet at the c10d rendezvous on host:port.
     """
     if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
         raise ValueError(f"module={module!r} must be a dotted module name such as 'llmbook.data_parallel'.")
     positive_int(nproc, "nproc (processes on this machine)")
     if timeout <= 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds.")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", module, *map(str, args)]
+    if nodes is None:
+        rendezvous = ["--standalone"]
+    else:
+        count, endpoint = nodes
+        rendezvous = [f"--nnodes={count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                      f"--rdzv-id={module}"]
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
+               *restarts, "-m", module, *map(str, args)]
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if max_restarts:
+        # A restarted job must not share torchrun's rendezvous store with the attempt before it:
+        # its workers would read the dead attempt's gloo addresses (pytorch/pytorch#135712).
+        child_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     child_env.update(env or {})
 
     start = time.monotonic()
@@ -331,6 +272,79 @@ def main(argv=None):
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--hang-rank", type=int, default=None)
     run_job(_hello, parser.parse_args(argv), timeout_s=60)
+
+
+def _children_by_parent() -> dict:
+    """{parent pid: [child pids]} for every process of this machine (Linux /proc, else `ps`)."""
+    children = {}
+    if os.path.isdir("/proc/self"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # The command name (2nd field) may contain spaces; it ends at the last ')'.
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we looked
+            children.setdefault(ppid, []).append(int(entry))
+    else:
+        table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+        for line in table.splitlines():
+            pid, ppid = map(int, line.split())
+            children.setdefault(ppid, []).append(pid)
+    return children
+
+
+def process_tree(pid: int) -> list:
+    """pid and all its descendants. torchrun starts every worker in a session of its own, so
+    killing torchrun's process group alone would leave the workers running: we find them here."""
+    children, tree, todo = _children_by_parent(), [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited but not been reaped yet: it runs no code any more.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> list:
+    """Stop a torchrun job: SIGTERM to torchrun (it then stops its workers), and after `grace`
+    seconds SIGKILL to every process of the job that is still alive. Returns the pids it found."""
+    pids = process_tree(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids if p != proc.pid):
+        time.sleep(0.1)
+    for pid in pids:
+        for kill in (os.killpg, os.kill):  # the worker's whole session, then the process itself
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    # SIGKILL is delivered asynchronously: wait until the processes have really exited.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids if p != proc.pid):
+        time.sleep(0.01)
+    proc.wait()
+    return pids
 
 
 if __name__ == "__main__":
