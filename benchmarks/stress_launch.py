@@ -7,7 +7,7 @@ job `--repeats` times, `--parallel` at once (so that the machine is loaded, as i
 as torchrun summarised them, and the lines that explain it. After the last launch it looks for any
 process of these jobs that is still alive.
 
-    .venv/bin/python benchmarks/stress_launch.py                  # 20 launches of each of the 8 jobs, 3 at a time
+    .venv/bin/python benchmarks/stress_launch.py                  # 20 launches of each of the 10 jobs, 3 at a time
     .venv/bin/python benchmarks/stress_launch.py --jobs accumulation sizing --repeats 40
     .venv/bin/python benchmarks/stress_launch.py --load 6 --starve-gloo --backtrace   # provoke, and explain
 
@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from llmbook.launch import LaunchTimeout, torchrun
 
-# name: (module, processes, arguments): the smallest runs the tests and notebooks make.
+# name: (module, processes, arguments[, torchrun options]): the smallest runs the tests and notebooks make.
+# "{dir}" in the arguments becomes a fresh folder for each launch.
 JOBS = {
     "launch": ("llmbook.launch", 2, []),
     "data_parallel": ("llmbook.data_parallel", 2, ["--steps", "2"]),
@@ -41,6 +42,9 @@ JOBS = {
     "fsdp": ("llmbook.fsdp", 2, ["--steps", "2"]),
     "mesh3d": ("llmbook.mesh3d", 4, ["--pp", "2", "--dp", "2", "--tp", "1", "--steps", "2"]),
     "sizing": ("llmbook.sizing", 2, []),
+    "comms": ("llmbook.comms", 2, ["--steps-only", "--steps", "2"]),
+    "elastic": ("llmbook.elastic", 2, ["--steps", "6", "--checkpoint-every", "2", "--checkpoint-dir", "{dir}",
+                                       "--crash-rank", "1", "--crash-step", "3"], {"max_restarts": 1}),
 }
 # Lines of a failed launch worth showing: aborts, signals, Python errors and torchrun's summary.
 EXPLAINS = re.compile(r"terminate called|=== abort|Signal \d+|exitcode|Traceback|Error|error:|SIGABRT|SIGSEGV|Aborted")
@@ -109,10 +113,12 @@ def diagnostic_env(folder: str, starve_gloo: bool, backtrace: bool) -> dict:
 
 
 def launch_once(name: str, out_dir: str, timeout: float, env: dict) -> dict:
-    module, nproc, args = JOBS[name]
+    module, nproc, args, *options = JOBS[name]
     out = os.path.join(out_dir, f"{name}-{time.monotonic_ns()}.json")
+    args = [arg.replace("{dir}", out[:-len(".json")]) for arg in args]
     try:
-        result = torchrun(module, nproc, args=[*args, "--out", out], timeout=timeout, echo=False, env=env)
+        result = torchrun(module, nproc, args=[*args, "--out", out], timeout=timeout, echo=False, env=env,
+                          **(options[0] if options else {}))
     except LaunchTimeout as stop:
         return {"job": name, "ok": False, "returncode": "timeout", "output": stop.output, "seconds": timeout}
     if result.returncode == 0 and not os.path.exists(out):
@@ -135,7 +141,7 @@ def report_failure(r: dict, i: int, folder) -> None:
 
 def leftover_processes(exclude: int) -> list:
     """(pid, command line) of every process still running one of the jobs' modules."""
-    modules = {module for module, _, _ in JOBS.values()}
+    modules = {job[0] for job in JOBS.values()}
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == exclude:
