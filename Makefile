@@ -28,14 +28,12 @@ book: setup
 	$(BIN)/python tools/build_pdf.py --source build/book
 
 # Two pytest workers with one thread each: torch's second thread only fights the other worker.
-# The two longest notebooks go first, one to each worker, so that neither worker is left alone with
-# one of them at the end (pytest collects a path named twice only once).
-LONGEST := ch05_evaluation/04_chat.ipynb ch03_model/04_pretraining.ipynb
+# Files are handed out in the order conftest.py sets: the longest notebooks first.
 test: setup
 	$(BIN)/python tools/export.py --check
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=12 \
 		--nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg \
-		$(LONGEST) tests $(NOTEBOOK_DIRS)
+		tests $(NOTEBOOK_DIRS)
 
 lab: setup
 	$(BIN)/jupyter lab
