@@ -96,13 +96,14 @@ def test_naive_estimator_is_biased_low():
 
 
 def test_stop_sequences():
-    assert STOP_SEQUENCES == ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+    assert STOP_SEQUENCES == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]     # Chen et al. (2021), section 2.3
     body = "    return x + 1\n"
     for stop in STOP_SEQUENCES:
         assert truncate_at_stop(body + stop + "rest\n") == body
     assert truncate_at_stop(body + "\n#a\ndef f():") == body          # the earliest one wins
     assert truncate_at_stop("    # a comment inside the body\n    return 1") == "    # a comment inside the body\n    return 1"
     assert truncate_at_stop("    return 1\n\nprint(f(2))") == "    return 1\n"
+    assert truncate_at_stop("    if x:\n        return 1\n\nif __name__ == '__main__':") == "    if x:\n        return 1\n"
 
 
 def test_evaluate_completions_counts_and_pass_at_k():

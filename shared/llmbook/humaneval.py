@@ -259,9 +259,9 @@ def encode_cyclic(s):   # the tests encode with this one, so decoding is the ide
 }
 
 
-# Chen et al. (2021) stop sampling at these: a new top-level def/class/if/print/comment means the
-# function body is over.
-STOP_SEQUENCES = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+# Chen et al. (2021), section 2.3, stop sampling at these: a new top-level class/def/comment/if/print
+# means the function body is over.
+STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
 def truncate_at_stop(text: str, stop=STOP_SEQUENCES) -> str:

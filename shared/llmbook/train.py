@@ -324,14 +324,14 @@ class Preset:
 
 
 PRESETS = {
-    # A laptop CPU, a few minutes: a 1.4M-parameter modern decoder (RoPE, RMSNorm, SwiGLU)
+    # A laptop CPU, about a minute: a 1.4M-parameter modern decoder (RoPE, RMSNorm, SwiGLU)
     # on the offline standard-library prose.
     "cpu": Preset(
         corpus="offline", vocab_size=4096,
         model=GPTConfig(vocab_size=4096, context_length=128, n_layer=4, n_head=4, d_model=128,
                         pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-        train=TrainConfig(max_steps=400, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
-                          warmup_steps=40, eval_interval=50, eval_batches=8)),
+        train=TrainConfig(max_steps=200, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
+                          warmup_steps=20, eval_interval=50, eval_batches=8)),
     # The book's model, shipped with it: 5.3M parameters trained on Python's reference manual and the
     # standard library's source code (prose and code, 10.4 MB) in about 35 minutes on 2 CPU cores, by
     # `python -m llmbook.train --preset book`. Chapter 5 evaluates and fine-tunes it.
