@@ -31,7 +31,7 @@ book: setup
 # Files are handed out in the order conftest.py sets: the longest notebooks first.
 test: setup
 	$(BIN)/python tools/export.py --check
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=12 \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=12 -rs \
 		--nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg \
 		tests $(NOTEBOOK_DIRS)
 
