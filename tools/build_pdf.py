@@ -74,7 +74,11 @@ PREAMBLE = r"""
 #set par(justify: true)
 #set heading(numbering: "1.1")
 #set image(width: 72%%)
+#set page(margin: (x: 1.9cm, y: 2.2cm))
+// The notebooks' code lines run to about 110 characters: at 7pt, 112 fit across the page. Code
+// inside a sentence stays at a size that reads with the text.
 #show raw: set text(font: "DejaVu Sans Mono", size: 8.5pt)
+#show raw.where(block: true): set text(size: 7pt)
 #show raw.where(block: true): it => block(
   width: 100%%, inset: 7pt, radius: 3pt, breakable: true,
   fill: if it.lang == none { white } else { luma(244) },
