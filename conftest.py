@@ -31,6 +31,6 @@ def pytest_collection_modifyitems(config, items):
         twice = [item for item in items if item.nodeid.split("::")[0] in in_browser]
         if twice:
             config.hook.pytest_deselected(items=twice)
-            items[:] = [item for item in items if item not in twice]
+            items[:] = [item for item in items if item.nodeid.split("::")[0] not in in_browser]
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

@@ -160,6 +160,12 @@ return {cells, math: panel.querySelectorAll('.jp-MarkdownCell mjx-container').le
 """
 
 
+def execution_count(prompt: str) -> int | None:
+    """The number in a cell's prompt: "[7]:" -> 7; None while it is queued ("[*]:") or has not run ("[ ]:")."""
+    inside = prompt.strip().strip(":").strip("[]")
+    return int(inside) if inside.isdigit() else None
+
+
 def committed_expectations(name):
     notebook = nbformat.read(REPO / name, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -218,7 +224,7 @@ def test_run_all_in_jupyterlab(lab, browser, name):
 
     def finished():
         state = browser.execute_script(STATE_SCRIPT)
-        ran = [cell["prompt"].strip().strip(":").strip("[]").isdigit() for cell in state["cells"]]
+        ran = [execution_count(cell["prompt"]) is not None for cell in state["cells"]]
         queued = any("*" in cell["prompt"] for cell in state["cells"])
         # Run All queues every cell ([*]); after an error JupyterLab drops the rest of the queue ([ ]).
         if any(ran) and not all(ran) and not queued:
@@ -228,7 +234,7 @@ def test_run_all_in_jupyterlab(lab, browser, name):
         return state if all(ran) and state["idle"] else None
 
     state = wait_for(finished, NOTEBOOK_SECONDS, f"Run All Cells to finish {name}")
-    counts = [int(cell["prompt"].strip().strip(":").strip("[]")) for cell in state["cells"]]
+    counts = [execution_count(cell["prompt"]) for cell in state["cells"]]
     assert counts == list(range(1, len(code) + 1)), f"cells ran out of order: {counts}"
     for i, (cell, expected) in enumerate(zip(state["cells"], code)):
         if expected.outputs:
