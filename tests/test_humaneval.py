@@ -96,7 +96,7 @@ def test_naive_estimator_is_biased_low():
 
 
 def test_stop_sequences():
-    assert STOP_SEQUENCES == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]     # Chen et al. (2021), section 2.3
+    assert STOP_SEQUENCES == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]     # Chen et al. (2021), section 3.2
     body = "    return x + 1\n"
     for stop in STOP_SEQUENCES:
         assert truncate_at_stop(body + stop + "rest\n") == body

@@ -259,7 +259,7 @@ def encode_cyclic(s):   # the tests encode with this one, so decoding is the ide
 }
 
 
-# Chen et al. (2021), section 2.3, stop sampling at these: a new top-level class/def/comment/if/print
+# Chen et al. (2021), section 3.2, stop sampling at these: a new top-level class/def/comment/if/print
 # means the function body is over.
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
