@@ -106,3 +106,18 @@ def test_stream_outputs_of_one_progress_bar_become_one_line():
     redraws.append(nbformat.v4.new_output("stream", name="stdout", text="loss 5.5\n"))
     cleaned = build_pdf.clean_outputs(redraws)
     assert [(o["name"], o["text"]) for o in cleaned] == [("stderr", "train: 3/3"), ("stdout", "loss 5.5\n")]
+
+
+def test_finished_progress_bars_and_their_closing_newline_are_dropped():
+    outputs = [nbformat.v4.new_output("stream", name="stderr", text="encode: 100%|██████████| 7/7 [00:03<00:00,  2.23it/s]\n"),
+               nbformat.v4.new_output("stream", name="stdout", text="vocabularies: [256]\n"),
+               nbformat.v4.new_output("stream", name="stderr", text="\n"),
+               nbformat.v4.new_output("stream", name="stderr", text="UserWarning: kept\nrun: 200it [00:01, 150.00it/s]\n")]
+    cleaned = build_pdf.clean_outputs(outputs)
+    assert [(o["name"], o["text"]) for o in cleaned] == [("stdout", "vocabularies: [256]\n"), ("stderr", "UserWarning: kept\n")]
+
+
+def test_absolute_value_bars_are_fenced_in_math_only():
+    body = "$log \\| V \\| + \\| A inter B \\|$ and `\\| x \\|` and $f #scale(x: 180%)[\\|]_(r)$"
+    assert build_pdf.rename_typst_symbols(body) == (
+        "$log lr(| V |) + lr(| A inter B |)$ and `\\| x \\|` and $f #scale(x: 180%)[\\|]_(r)$")

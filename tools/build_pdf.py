@@ -39,6 +39,10 @@ OUTPUT = ROOT / "build" / "llm-from-scratch.pdf"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 FENCE = re.compile(r"^\s*(```|~~~)")
 SOLUTION_OPEN = re.compile(r"<details>\s*<summary>(.*?)</summary>", re.IGNORECASE)
+# A finished tqdm bar: "desc: 100%|█████| 7/7 [00:03<00:00,  2.23it/s, loss=1.2]" or, without a
+# total, "desc: 200it [00:01, 150.00it/s]". Its timings differ on every run and say nothing on paper.
+TQDM_BAR = re.compile(r"^.*?(\d+%\|.*\|\s*[\d.]+[kMG]?/[\d.]+[kMG]?|\d+(?:[a-zA-Z]+)?)"
+                      r" \[\d+:\d+(?::\d+)?(?:<[^,\]]*)?(?:, [^\]]*)?\]\s*$")
 
 # pandoc still writes a few math symbol names that typst 0.14 renamed; fixed inside $…$ only.
 TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.circle": "times.o",
@@ -47,44 +51,92 @@ TYPST_SYMBOL_RENAMES = {"dot.circle": "dot.o", "plus.circle": "plus.o", "times.c
 # code can never pair up with one that opens math.
 TYPST_RAW_OR_MATH = re.compile(r"(?P<raw>(?P<fence>`{3,})[\s\S]*?(?P=fence)|`[^`\n]*`|\\.)"
                                r"|(?P<math>\$(?:[^$\\]|\\.)*\$)")
+# pandoc writes |x| (absolute value, size of a set) as `\| x \|`: two lone bars, which typst spaces
+# like relations ("| V | × | V |"). Inside math they become one fenced `lr(| x |)`. A bar that is
+# scaled on its own (`#scale(...)[\|]`, an evaluation bar) has no partner and is left alone.
+ABS_BARS = re.compile(r"(?<!\[)\\\| ((?:(?!\\\|)[^$])+?) \\\|(?!\])")
 OLD_SYMBOL = re.compile(r"(?<![\w.])(%s)(?![\w.])" % "|".join(
     re.escape(name) for name in sorted(TYPST_SYMBOL_RENAMES, key=len, reverse=True)))
 
 
+# pandoc gives a pipe table's columns fixed shares of the width, taken from the lengths of the
+# `|---|` dashes, which in the notebooks are arbitrary; a two-word column then wraps while a
+# sentence column has room to spare. typst's `auto` columns share the width by content instead.
+TABLE_COLUMNS = re.compile(r"^(\s*columns: )\(((?:[\d.]+%,? ?)+)\),$", re.MULTILINE)
+
+
+def auto_table_columns(body: str) -> str:
+    return TABLE_COLUMNS.sub(lambda m: m.group(1) + "(" + ", ".join(["auto"] * m.group(2).count("%")) + "),", body)
+
+
 def rename_typst_symbols(body: str) -> str:
-    """Replace old symbol names inside math only, so prose and code that mention them are untouched."""
+    """Replace old symbol names, and pairs of bars with `lr(| … |)`, inside math only, so prose and
+    code that mention them are untouched."""
     def fix_math(match: re.Match) -> str:
         if match.group("math") is None:
             return match.group(0)
-        return OLD_SYMBOL.sub(lambda old: TYPST_SYMBOL_RENAMES[old.group(1)], match.group("math"))
+        math = OLD_SYMBOL.sub(lambda old: TYPST_SYMBOL_RENAMES[old.group(1)], match.group("math"))
+        return ABS_BARS.sub(r"lr(| \1 |)", math)
     return TYPST_RAW_OR_MATH.sub(fix_math, body)
 
 
 # pandoc wraps every notebook cell in a Div; page breaks cannot happen inside the resulting typst
 # blocks, so long cells would overflow. Unwrapping them (and dropping the auto-generated heading
 # labels, which repeat across notebooks) leaves plain flowing content.
+# A paragraph that is only a short italic lead-in ("Solution.", from print_solutions) introduces
+# what follows, so it must not be left alone at the foot of a page: it becomes a sticky block.
 LUA_FILTER = """
 function Div(el) return el.content end
 function Header(el) el.identifier = "" return el end
+function Para(el)
+  if #el.content == 1 and el.content[1].t == "Emph" then
+    local text = pandoc.utils.stringify(el.content[1])
+    if #text <= 40 and text:sub(-1) == "." then
+      local body = pandoc.write(pandoc.Pandoc({pandoc.Plain(el.content)}), "typst")
+      return pandoc.RawBlock("typst", "#block(sticky: true)[" .. body:gsub("%s+$", "") .. "]")
+    end
+  end
+end
 """
 
 PREAMBLE = r"""
 #set document(title: "%(title)s")
 #set text(font: ("Libertinus Serif", "New Computer Modern"), size: 10.5pt, lang: "en")
 #set par(justify: true)
+// pandoc's +smart leaves quotes to typst: they stay straight, as in the notebooks and the outline.
+#set smartquote(enabled: false)
 #set heading(numbering: "1.1")
 #set image(width: 72%%)
 #set page(margin: (x: 1.9cm, y: 2.2cm))
-// The notebooks' code lines run to about 110 characters: at 7pt, 112 fit across the page. Code
-// inside a sentence stays at a size that reads with the text.
+// The notebooks' code lines run to about 110 characters: at 7pt, 112 fit across the page. A block
+// with longer lines (wide printed tables, long calls) is set smaller, down to 6pt (131 characters),
+// so that its lines fit; a line longer than that still wraps, and its continuation is indented
+// past the line's own indentation, so it cannot be mistaken for a new line of code or output.
+// Code inside a sentence stays at a size that reads with the text.
+#let code-fit = 112
+#let code-fit-min = 131
 #show raw: set text(font: "DejaVu Sans Mono", size: 8.5pt)
-#show raw.where(block: true): set text(size: 7pt)
-#show raw.where(block: true): it => block(
-  width: 100%%, inset: 7pt, radius: 3pt, breakable: true,
-  fill: if it.lang == none { white } else { luma(244) },
-  stroke: if it.lang == none { (left: 2pt + luma(200)) } else { none },
-  it,
-)
+#show raw.where(block: true): it => {
+  let lengths = it.lines.map(line => line.text.clusters().len())
+  let longest = calc.max(0, ..lengths.filter(n => n <= code-fit-min))
+  set text(size: if longest > code-fit { 7pt * code-fit / longest } else { 7pt })
+  set par(justify: false)
+  block(
+    width: 100%%, inset: 7pt, radius: 3pt, breakable: true,
+    fill: if it.lang == none { white } else { luma(244) },
+    stroke: if it.lang == none { (left: 2pt + luma(200)) } else { none },
+    for line in it.lines {
+      let indent = line.text.len() - line.text.trim(at: start).len()
+      block(spacing: par.leading, par(hanging-indent: (indent + 4) * 0.6021em,
+        if line.text == "" { sym.zws } else { line }))
+    },
+  )
+}
+// Tables: ragged cells in a slightly smaller size (justified narrow cells open wide gaps), bold
+// header row. Their columns are sized by content (see TABLE_COLUMNS).
+#show table: set par(justify: false)
+#show table: set text(size: 9.5pt)
+#show table.cell.where(y: 0): strong
 #show heading.where(level: 1, outlined: true): it => {
   pagebreak(weak: true)
   v(2.5cm)
@@ -136,7 +188,23 @@ def as_a_terminal_shows(text: str) -> str:
     return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
+def without_progress_bars(text: str) -> str:
+    """Drop the lines that are (the final state of) a tqdm progress bar."""
+    return "".join(line for line in text.splitlines(keepends=True) if not TQDM_BAR.match(line.rstrip("\n")))
+
+
 def clean_outputs(outputs: list) -> list:
+    """Outputs as a reader should see them on paper: progress bars only in their last state and
+    then dropped (with the bare newline tqdm writes when it closes), escape codes stripped,
+    tracebacks as text, no text/plain twin of a figure."""
+    kept = clean_streams(outputs)
+    for out in kept:
+        if out.get("output_type") == "stream" and out["name"] == "stderr":
+            out["text"] = without_progress_bars(out["text"]).lstrip("\n")
+    return [out for out in kept if out.get("output_type") != "stream" or out["text"].strip()]
+
+
+def clean_streams(outputs: list) -> list:
     kept = []
     for out in outputs:
         if out.get("output_type") == "stream":
@@ -200,11 +268,13 @@ def build_pdf(source: Path, output: Path = OUTPUT) -> Path:
 
     # Run in the work folder so extracted figures get paths relative to typst's root.
     body = subprocess.run(
-        [pypandoc.get_pandoc_path(), merged.name, "--from=ipynb", "--to=typst",
+        # +smart: prose "--" and "---" print as dashes (without it pandoc escapes them and a reader
+        # sees "a -- b"); code is never touched.
+        [pypandoc.get_pandoc_path(), merged.name, "--from=ipynb+smart", "--to=typst",
          f"--lua-filter={lua.name}", "--extract-media=media", "--wrap=preserve"],
         cwd=work, check=True, capture_output=True, text=True,
     ).stdout
-    body = rename_typst_symbols(body)
+    body = auto_table_columns(rename_typst_symbols(body))
     preamble = PREAMBLE % {
         "title": BOOK_TITLE,
         "subtitle": BOOK_SUBTITLE,
