@@ -69,6 +69,24 @@ def auto_table_columns(body: str) -> str:
     return TABLE_COLUMNS.sub(lambda m: m.group(1) + "(" + ", ".join(["auto"] * m.group(2).count("%")) + "),", body)
 
 
+# matplotlib figures are PNGs at 100 pixels per inch, cropped to their content, 5 to 13 inches wide.
+# One width for all would print a wide figure's labels at half the size of a narrow one's; instead
+# each is printed at its width in pixels / FULL_WIDTH_PIXELS of the text width (at most all of it,
+# at least MIN_SHARE), so that their lettering comes out at nearly one size.
+FULL_WIDTH_PIXELS = 1000
+MIN_SHARE = 0.55
+PNG_IMAGE = re.compile(r'image\("(media/[^"]+\.png)"\)')
+
+
+def sized_figures(body: str, root: Path) -> str:
+    def sized(match: re.Match) -> str:
+        with open(root / match.group(1), "rb") as png:
+            width = int.from_bytes(png.read(24)[16:20], "big")  # the IHDR chunk's width
+        share = min(1.0, max(MIN_SHARE, width / FULL_WIDTH_PIXELS))
+        return f'image("{match.group(1)}", width: {share:.0%})'
+    return PNG_IMAGE.sub(sized, body)
+
+
 def rename_typst_symbols(body: str) -> str:
     """Replace old symbol names, and pairs of bars with `lr(| … |)`, inside math only, so prose and
     code that mention them are untouched."""
@@ -106,7 +124,7 @@ PREAMBLE = r"""
 // pandoc's +smart leaves quotes to typst: they stay straight, as in the notebooks and the outline.
 #set smartquote(enabled: false)
 #set heading(numbering: "1.1")
-#set image(width: 72%%)
+#set image(width: 72%%)  // a default: each figure's width is set from its size (sized_figures)
 #set page(margin: (x: 1.9cm, y: 2.2cm))
 // The notebooks' code lines run to about 110 characters: at 7pt, 112 fit across the page. A block
 // with longer lines (wide printed tables, long calls) is set smaller, down to 6pt (131 characters),
@@ -274,7 +292,7 @@ def build_pdf(source: Path, output: Path = OUTPUT) -> Path:
          f"--lua-filter={lua.name}", "--extract-media=media", "--wrap=preserve"],
         cwd=work, check=True, capture_output=True, text=True,
     ).stdout
-    body = auto_table_columns(rename_typst_symbols(body))
+    body = sized_figures(auto_table_columns(rename_typst_symbols(body)), work)
     preamble = PREAMBLE % {
         "title": BOOK_TITLE,
         "subtitle": BOOK_SUBTITLE,

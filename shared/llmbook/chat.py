@@ -419,7 +419,8 @@ def save_chat_model(path, model: GPT, tokenizer: BPETokenizer, losses=()) -> Non
     losses, with a format tag, atomically and with a SHA-256 (llmbook.train.save_checkpoint)."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size} embedding rows; grow the model with grow_vocabulary first.")
+                         f"{model.config.vocab_size} embedding rows; grow the model with "
+                         "grow_vocabulary first.")
     save_checkpoint(path, {
         "format": CHAT_FORMAT, "model_config": asdict(model.config),
         "model": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
@@ -477,8 +478,8 @@ def chat_model_path(seed: int = 0, cache=None) -> str:
     """Where load_chat_model keeps the model of seed: a folder named by a digest of everything that
     determines it (the base weights, the recipe's code and constants, the seed)."""
     code = [inspect.getsource(function) for function in (
-        add_chat_tokens, grow_vocabulary, encode_chat, task_words, vocabulary_words, make_tasks, sft_batch, counted_loss,
-        supervised_finetune, train_chat_model)]
+        add_chat_tokens, grow_vocabulary, encode_chat, task_words, vocabulary_words, make_tasks, sft_batch,
+        counted_loss, supervised_finetune, train_chat_model)]
     constants = [repr(SFT_CONFIG), SFT_EXAMPLES, TRAINING_MIX, OUT_OF_SCOPE, REFUSAL, SPLIT_SEED]
     recipe = json.dumps([file_sha256(load_pretrained("book").checkpoint), code, constants, seed])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]

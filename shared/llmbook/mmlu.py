@@ -326,8 +326,8 @@ def _logits_at(model, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Te
         return model.lm_head(model.hidden_states(ids)[rows, positions])
     logits = model(ids)
     if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-        raise ValueError(f"model(ids) with ids of shape {tuple(ids.shape)} returned shape {tuple(logits.shape)}; "
-                         "expected logits (batch, time, vocab).")
+        raise ValueError(f"model(ids) with ids of shape {tuple(ids.shape)} returned shape "
+                         f"{tuple(logits.shape)}; expected logits (batch, time, vocab).")
     return logits[rows, positions]
 
 
@@ -340,8 +340,9 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
     Each (context, answer) pair becomes the input context + answer[:-1] tokens; its score is the
     sum of log p(token) over the answer's tokens, however many there are. Inputs longer than
     model.config.context_length are left-truncated (the end, with the question's choices and
-    "Answer:", is kept); an answer longer than the context is scored in overlapping windows. Pairs that share an input (single-token answers after the same prompt)
-    share one forward pass; inputs are sorted by length and right-padded in batches.
+    "Answer:", is kept); an answer longer than the context is scored in overlapping windows.
+    Pairs that share an input (single-token answers after the same prompt) share one forward
+    pass; inputs are sorted by length and right-padded in batches.
 
     Returns (scores, truncated): float64 array (N, K) and bool array (N,), True where an input
     of that context was truncated."""
@@ -362,7 +363,8 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
             raise ValueError(f"context {i} has {len(options)} continuations, context 0 has {n_options}.")
         if not context or context != context.rstrip():
             raise ValueError(f"context {i} is empty or ends in whitespace; put the space at the start of "
-                             "the continuation (\" A\", not \"Answer: \" + \"A\"), as the original evaluation does.")
+                             "the continuation (\" A\", not \"Answer: \" + \"A\"), as the original "
+                             "evaluation does.")
         context_ids = _encode(tokenizer, context)
         for k, option in enumerate(options):
             answer_ids = continuation_ids(tokenizer, context, option)
@@ -381,7 +383,8 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
 
     order = sorted(rows, key=len, reverse=True)  # stable: equal lengths keep their first-seen order
     device = _model_device(model)
-    progress_bar = tqdm(total=len(order), desc="forward passes", unit="seq", mininterval=5, disable=not progress)
+    progress_bar = tqdm(total=len(order), desc="forward passes", unit="seq", mininterval=5,
+                        disable=not progress)
     with eval_mode(model), progress_bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -398,7 +401,8 @@ def score_continuations(model, tokenizer, contexts, continuations, batch_size: i
             logits = _logits_at(model, ids.to(device), torch.tensor(row_index, device=device),
                                 torch.tensor(positions, device=device))
             log_probs = torch.log_softmax(logits.float(), dim=-1)
-            picked = log_probs[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
+            picked = log_probs[torch.arange(len(targets), device=device),
+                               torch.tensor(targets, device=device)]
             np.add.at(scores, (np.array(owner_i), np.array(owner_k)), picked.double().cpu().numpy())
             progress_bar.update(len(batch))
     return scores, truncated
