@@ -80,7 +80,9 @@ def sliding_window_nll(model: GPT, token_ids, context: int | None = None, stride
     targets that no earlier window scored, so every token is scored exactly once, and (after the
     first window) with at least context - stride tokens of left context. stride == context is
     plain non-overlapping chunks (cheapest, worst); stride 1 gives every token a full window
-    (best, one forward pass per token). Windows of equal length run batch_size at a time."""
+    (best, one forward pass per token). Windows of equal length run batch_size at a time, and the
+    head runs only where a target is scored: with stride < context, most positions of a window are
+    there as context only."""
     ids = _as_token_tensor(token_ids, 2)
     max_context = model.config.context_length
     context = max_context if context is None else context
@@ -114,10 +116,9 @@ def sliding_window_nll(model: GPT, token_ids, context: int | None = None, stride
             targets = torch.stack([ids[s + 1:e + 1] for s, e, _ in batch]).to(device)
             for row, (s, _, first_new) in enumerate(batch):
                 targets[row, :first_new - s - 1] = -100  # already scored by an earlier window
-            logits = model(inputs).float()
-            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                     reduction="sum")
-            total += losses.item()
-            count += int((targets != -100).sum())
+            scored = targets != -100
+            logits = model.lm_head(model.hidden_states(inputs)[scored]).float()
+            total += F.cross_entropy(logits, targets[scored], reduction="sum").item()
+            count += int(scored.sum())
             i += len(batch)
     return total, count
