@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbook import eval_mode, positive_int
-from llmbook.model import GPT
+from llmbook.model import GPT, next_token_loss
 
 __all__ = ["perplexity", "bits_per_byte", "token_nll", "sliding_window_nll"]
 
@@ -117,8 +117,8 @@ def sliding_window_nll(model: GPT, token_ids, context: int | None = None, stride
             for row, (s, _, first_new) in enumerate(batch):
                 targets[row, :first_new - s - 1] = -100  # already scored by an earlier window
             scored = targets != -100
-            logits = model.lm_head(model.hidden_states(inputs)[scored]).float()
-            total += F.cross_entropy(logits, targets[scored], reduction="sum").item()
+            logits = model.lm_head(model.hidden_states(inputs)[scored])
+            total += next_token_loss(logits, targets[scored], reduction="sum").item()
             count += int(scored.sum())
             i += len(batch)
     return total, count
